@@ -1,0 +1,159 @@
+"""Speed of bnn_mnist against a hand-written plain-PyTorch floor (a benchmark, not a test).
+
+Times, side by side in one process and on the same data:
+  - training steps: bnn_mnist's Pyro SVI step vs Bayes-by-backprop written by hand
+    (same model, same guide, analytic KL, Adam with the same per-step decay, batch 128);
+  - prediction of 10,000 images with 10 posterior samples: bnn_mnist.predict_prob vs one
+    vectorised matmul over the samples, written by hand.
+
+    python benchmarks/bench.py                      # CPU, a few hundred steps
+    python benchmarks/bench.py --full-epoch         # one whole epoch (469 steps) each
+    python benchmarks/bench.py --device cuda        # on a GPU
+    python benchmarks/bench.py --data-dir ../shared/data   # real MNIST instead of random pixels
+
+Speed does not depend on the pixel values, so by default the data are random images of
+MNIST's size (60,000 training, 10,000 test).
+"""
+
+import argparse
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bnn_mnist as bm  # noqa: E402
+import pyro  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def floor_train(net, x, y, steps, batch_size, lr, lr_decay, prior_scale, init_scale):
+    """Bayes-by-backprop by hand: the same ELBO as bnn_mnist's TraceMeanField_ELBO."""
+    n = len(x)
+    locs = [p.detach().clone().requires_grad_() for p in net.parameters()]
+    rhos = [torch.full_like(p, bm.inverse_softplus(init_scale)).requires_grad_() for p in net.parameters()]
+    names = [name for name, _ in net.named_parameters()]
+    opt = torch.optim.Adam(locs + rhos, lr=lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, lr_decay)
+    log_prior = math.log(prior_scale)
+    perm = torch.randperm(n, device=x.device)
+    for step in range(steps):
+        i = step % math.ceil(n / batch_size)
+        idx = perm[i * batch_size : (i + 1) * batch_size]
+        scales = [F.softplus(r) for r in rhos]
+        w = {k: m + s * torch.randn_like(m) for k, m, s in zip(names, locs, scales)}
+        logits = bm.bnn_forward(w, x[idx])
+        nll = F.cross_entropy(logits, y[idx], reduction="sum") * (n / len(idx))
+        # KL(N(m, s) || N(0, p)) = log p - log s + (s^2 + m^2) / (2 p^2) - 1/2
+        kl = sum((log_prior - s.log() + (s * s + m * m) / (2 * prior_scale**2) - 0.5).sum()
+                 for m, s in zip(locs, scales))
+        loss = nll + kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return loss.item()
+
+
+def floor_predict(locs, scales, x, num_samples):
+    """All samples in one batched computation, no chunking: (S, B, 10) probabilities."""
+    with torch.no_grad():
+        w = {k: locs[k] + scales[k] * torch.randn(num_samples, *locs[k].shape, device=x.device) for k in locs}
+        return torch.softmax(bm.bnn_forward(w, x), -1)
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def main(argv=None):
+    d = bm.DEFAULTS
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--steps", type=int, default=200, help="training steps per timed round")
+    p.add_argument("--full-epoch", action="store_true", help="time one whole epoch per side instead")
+    p.add_argument("--warmup", type=int, default=20, help="untimed steps first")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--num-samples", type=int, default=d.num_samples)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternating timed rounds per side (training and prediction); the best is kept")
+    p.add_argument("--data-dir", default=None, help="real MNIST (default: random images of its size)")
+    p.add_argument("--elbo", choices=("meanfield", "trace"), default=d.elbo)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    # bnn_mnist.train tunes glibc's malloc on the CPU; do it first so the floor runs under
+    # the same allocator settings (see keep_freed_memory).
+    bm.keep_freed_memory()
+    pyro.set_rng_seed(0)
+    if args.data_dir:
+        x, y = bm.load_mnist(args.data_dir, True)
+        xt, _ = bm.load_mnist(args.data_dir, False)
+    else:
+        x, y = torch.rand(60000, 784), torch.randint(0, 10, (60000,))
+        xt = torch.rand(10000, 784)
+    x, y, xt = x.to(device), y.to(device), xt.to(device)
+    n_batches = math.ceil(len(x) / args.batch_size)
+    steps = n_batches if args.full_epoch else args.steps
+    net = bm.BNN(784, d.hidden_size, 10).to(device)
+    decay = d.lr_decay ** (1 / n_batches)  # the same per-step decay as bnn_mnist.train
+
+    # --- training: warm up both, then alternate timed rounds so both see the same machine
+    kw = dict(epochs=1, batch_size=args.batch_size, lr=d.lr, lr_decay=d.lr_decay, prior_scale=d.prior_scale,
+              init_scale=d.init_scale, elbo=args.elbo, progress=False, log=lambda *a: None)
+    pyro_side = lambda n: bm.train(net, x, y, max_batches=n, **kw)  # noqa: E731
+    floor_side = lambda n: floor_train(net, x, y, n, args.batch_size, d.lr, decay,  # noqa: E731
+                                       d.prior_scale, d.init_scale)
+    pyro_side(args.warmup)
+    floor_side(args.warmup)
+    t_pyro, t_floor = math.inf, math.inf
+    for _ in range(args.rounds):
+        t_pyro = min(t_pyro, timed(lambda: pyro_side(steps), device)[0])
+        t_floor = min(t_floor, timed(lambda: floor_side(steps), device)[0])
+
+    # --- prediction of the whole test set with num_samples samples
+    store = pyro.get_param_store()
+    locs = {k: store[f"{k}_loc"].detach() for k, _ in net.named_parameters()}
+    scales = {k: F.softplus(store[f"{k}_rho"]).detach() for k, _ in net.named_parameters()}
+    bm.predict_prob(xt[:100], net, args.num_samples)
+    floor_predict(locs, scales, xt[:100], args.num_samples)
+    p_pyro, p_floor = math.inf, math.inf
+    for _ in range(args.rounds):
+        p_pyro = min(p_pyro, timed(lambda: bm.predict_prob(xt, net, args.num_samples), device)[0])
+        p_floor = min(p_floor, timed(lambda: floor_predict(locs, scales, xt, args.num_samples).mean(0), device)[0])
+
+    per_epoch = lambda t: t / steps * n_batches  # noqa: E731
+    imgs = steps * args.batch_size
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else os.cpu_count()} "
+          f"{'' if device.type == 'cuda' else 'cores, ' + str(torch.get_num_threads()) + ' threads'}), "
+          f"torch {torch.__version__}, pyro {pyro.__version__}, batch {args.batch_size}, "
+          f"best of {args.rounds} rounds of {steps} steps")
+    print(f"{'':28}{'bnn_mnist':>12}{'floor':>12}{'ratio':>8}")
+    print(f"{'train images/s':28}{imgs / t_pyro:12.0f}{imgs / t_floor:12.0f}{t_pyro / t_floor:8.2f}")
+    print(f"{'train s/epoch (469 steps)':28}{per_epoch(t_pyro):12.2f}{per_epoch(t_floor):12.2f}"
+          f"{t_pyro / t_floor:8.2f}")
+    print(f"{'predict s, 10k x ' + str(args.num_samples) + ' samples':28}{p_pyro:12.2f}{p_floor:12.2f}"
+          f"{p_pyro / p_floor:8.2f}")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+          + (f", peak CUDA {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""))
+    return {"train_ratio": t_pyro / t_floor, "predict_ratio": p_pyro / p_floor}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Shared fixtures: a clean Pyro state per test and a tiny synthetic MNIST on disk.
+
+The synthetic digits are written as real IDX files in torchvision's layout, so the tests
+go through the same loading code as the real data set, without needing it.
+"""
+
+import gzip
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import bnn_mnist as bm  # noqa: E402
+
+
+def write_idx(path, array, compress=False):
+    """Write a uint8 array as an IDX file (magic 0x08 = unsigned byte, then its dims)."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    data = header + array.tobytes()
+    Path(path).write_bytes(gzip.compress(data) if compress else data)
+
+
+def synthetic_digits(n, seed=0):
+    """n separable 28x28 'digits': class k is template k (fixed for all seeds) plus noise."""
+    templates = np.random.default_rng(1234).random((10, 28, 28)) > 0.75
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = templates[labels] * 200.0 + rng.random((n, 28, 28)) * 55.0
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+def make_mnist_dir(root, n_train=600, n_test=200, dataset="MNIST"):
+    raw = Path(root) / dataset / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for train, n, seed in ((True, n_train, 0), (False, n_test, 1)):
+        images, labels = synthetic_digits(n, seed)
+        img_name, lbl_name = bm.IDX_FILES[train]
+        write_idx(raw / img_name, images)
+        write_idx(raw / lbl_name, labels)
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A read-only-by-convention synthetic MNIST folder shared by all tests."""
+    return make_mnist_dir(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture
+def fresh_data_dir(tmp_path):
+    """A synthetic MNIST folder a test may damage."""
+    return make_mnist_dir(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def pyro_state():
+    """Every test starts with an empty param store, seed 0 and Pyro's validation on."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    pyro.enable_validation(True)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture
+def small_data(data_dir):
+    x, y = bm.load_mnist(data_dir, train=True)
+    xt, yt = bm.load_mnist(data_dir, train=False)
+    return x, y, xt, yt
+
+
+SMALL = ["--hidden-size", "32", "--batch-size", "64", "--unc-samples", "20", "--noise-count", "100"]
+
+
+def cli_env():
+    """Environment for CLI subprocesses: no network (a dead proxy), unbuffered output."""
+    env = dict(os.environ)
+    env.update(PYTHONUNBUFFERED="1", http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
+               HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
+    return env

@@ -1,0 +1,75 @@
+"""Loading MNIST-format files, image folders, and the promised errors for bad files."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bnn_mnist as bm
+from conftest import make_mnist_dir, synthetic_digits, write_idx
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_idx_round_trip(tmp_path, compress):
+    images, _ = synthetic_digits(7)
+    path = tmp_path / ("x.gz" if compress else "x")
+    write_idx(path, images, compress)
+    out = bm.read_idx(path)
+    assert out.dtype == torch.uint8 and tuple(out.shape) == (7, 28, 28)
+    assert np.array_equal(out.numpy(), images)
+
+
+def test_load_mnist_shapes_and_range(data_dir):
+    x, y = bm.load_mnist(data_dir, train=True)
+    xt, yt = bm.load_mnist(data_dir, train=False)
+    assert x.shape == (600, 784) and x.dtype == torch.float32 and y.shape == (600,) and y.dtype == torch.int64
+    assert xt.shape == (200, 784) and yt.shape == (200,)
+    assert 0 <= x.min() and x.max() <= 1 and set(y.tolist()) == set(range(10))
+    images, labels = synthetic_digits(600, 0)
+    assert torch.equal(x[5], torch.from_numpy(images[5]).float().flatten() / 255)
+    assert torch.equal(y, torch.from_numpy(labels).long())
+
+
+def test_wrong_magic_names_the_file(fresh_data_dir):
+    path = fresh_data_dir / "MNIST/raw/train-images-idx3-ubyte"
+    raw = bytearray(path.read_bytes())
+    raw[2] = 0x0D  # float32 data type instead of unsigned byte
+    path.write_bytes(bytes(raw))
+    with pytest.raises(bm.DataError, match="train-images-idx3-ubyte.*wrong magic"):
+        bm.load_mnist(fresh_data_dir, train=True)
+
+
+def test_truncated_file_names_the_file(fresh_data_dir):
+    path = fresh_data_dir / "MNIST/raw/t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(bm.DataError, match="t10k-images-idx3-ubyte is truncated"):
+        bm.load_mnist(fresh_data_dir, train=False)
+
+
+def test_mismatched_counts_name_both_files(fresh_data_dir):
+    _, labels = synthetic_digits(150, 3)
+    write_idx(fresh_data_dir / "MNIST/raw/t10k-labels-idx1-ubyte", labels)
+    with pytest.raises(bm.DataError, match="200 images but .*t10k-labels-idx1-ubyte has 150 labels"):
+        bm.load_mnist(fresh_data_dir, train=False)
+
+
+def test_label_out_of_range(fresh_data_dir):
+    write_idx(fresh_data_dir / "MNIST/raw/t10k-labels-idx1-ubyte", np.full(200, 11))
+    with pytest.raises(bm.DataError, match="label 11"):
+        bm.load_mnist(fresh_data_dir, train=False)
+
+
+def test_image_folder_and_fashion(tmp_path):
+    for letter, value in (("A", 0), ("B", 255)):
+        (tmp_path / "letters" / letter).mkdir(parents=True)
+        Image.fromarray(np.full((28, 28), value, np.uint8)).save(tmp_path / "letters" / letter / "1.png")
+    Image.fromarray(np.full((56, 56), 255, np.uint8)).save(tmp_path / "letters" / "B" / "big.png")
+    x = bm.load_image_folder(tmp_path / "letters")
+    assert x.shape == (3, 784) and x[0].max() == 0 and x[1].min() == 1 and x[2].min() == 1
+    with pytest.raises(bm.DataError, match="no PNG"):
+        bm.load_image_folder(tmp_path / "letters" / "nothing")
+
+    make_mnist_dir(tmp_path / "f", dataset="FashionMNIST")
+    assert bm.load_fashion(tmp_path / "f").shape == (200, 784)
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST test files not found"):
+        bm.load_fashion(tmp_path, fashion_dir=tmp_path / "missing")

@@ -1,0 +1,89 @@
+"""Bad input to the library functions: a clear ValueError, never garbage."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bnn_mnist as bm
+
+
+@pytest.fixture
+def net():
+    net = bm.BNN(784, 8, 10)
+    bm.guide(None, net=net, init_scale=0.05)
+    return net
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (torch.rand(3, 783), r"shape \(B, 784\), \(B, 28, 28\) or \(B, 1, 28, 28\), got \(3, 783\)"),
+        (torch.rand(2, 3, 28, 28), r"got \(2, 3, 28, 28\)"),
+        (torch.rand(784), "one image of shape"),
+        (torch.rand(0, 784), "empty batch"),
+        (torch.rand(2, 784) * 255, r"pixel values must lie in \[0, 1\].*divide 0-255 images by 255"),
+        (-torch.rand(2, 784), r"must lie in \[0, 1\]"),
+        (torch.full((2, 784), float("nan")), "NaN pixels"),
+        (torch.full((2, 784), float("inf")), r"must lie in \[0, 1\]"),
+        (torch.ones(2, 784, dtype=torch.int32), "float in \\[0, 1\\] or uint8"),
+        (torch.ones(2, 784, dtype=torch.bool), "dtype torch.bool"),
+        ("an image", "tensor or array"),
+    ],
+)
+def test_bad_images_raise_a_clear_value_error(net, x, message):
+    with pytest.raises(ValueError, match=message):
+        bm.predict_prob(x, net)
+
+
+def test_uint8_images_are_scaled_and_numpy_accepted(net):
+    x8 = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+    assert torch.equal(bm.normalize(x8), x8.reshape(3, 784).float() / 255)
+    assert torch.equal(bm.normalize(x8.numpy()), bm.normalize(x8))
+    assert bm.normalize(np.zeros((2, 784))).dtype == torch.float32
+
+
+def test_bad_num_samples(net):
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+            bm.predict_prob(torch.rand(2, 784), net, bad)
+
+
+def test_plot_rejects_bad_probs(net):
+    with pytest.raises(ValueError, match=r"probs must have shape \(S, 10\) or \(10,\)"):
+        bm.plot(torch.rand(784), torch.rand(3, 9))
+    with pytest.raises(ValueError, match="NaN"):
+        bm.plot(torch.full((784,), float("nan")), torch.full((10,), 0.1))
+
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.uint8, torch.int64, torch.bool]
+SHAPES = st.one_of(
+    st.tuples(st.integers(0, 3), st.sampled_from([784, 783, 28])),
+    st.tuples(st.integers(0, 3), st.sampled_from([28, 27]), st.sampled_from([28, 1])),
+    st.tuples(st.integers(0, 3), st.sampled_from([1, 3]), st.just(28), st.just(28)),
+    st.tuples(st.integers(1, 800)),
+)
+VALUES = st.sampled_from(["unit", "pixels", "negative", "nan", "inf", "zeros"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=SHAPES, dtype=st.sampled_from(DTYPES), values=VALUES, seed=st.integers(0, 2**16))
+def test_predict_prob_returns_probabilities_or_raises_value_error(net, shape, dtype, values, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = {"unit": torch.rand(shape, generator=g), "pixels": torch.rand(shape, generator=g) * 255,
+         "negative": -torch.rand(shape, generator=g) - 0.01, "nan": torch.full(shape, float("nan")),
+         "inf": torch.full(shape, float("inf")), "zeros": torch.zeros(shape)}[values]
+    x = x.to(dtype)
+    try:
+        probs = bm.predict_prob(x, net, 3)
+    except ValueError:
+        return
+    assert probs.shape == (shape[0], 10)
+    assert torch.isfinite(probs).all() and (probs >= 0).all()
+    assert torch.allclose(probs.sum(-1), torch.ones(shape[0]), atol=1e-5)
+
+
+def test_plot_takes_one_image(net):
+    with pytest.raises(ValueError, match=r"one 28x28 image, got shape \(2, 784\)"):
+        bm.plot(torch.rand(2, 784), torch.full((10,), 0.1))

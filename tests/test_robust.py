@@ -1,0 +1,153 @@
+"""Checkpoints, resume, interruption, divergence, full disks and reproducibility."""
+
+import errno
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import bnn_mnist as bm
+from conftest import ROOT, cli_env
+
+TINY = ["--hidden-size", "16", "--batch-size", "32", "--unc-samples", "10", "--ood", "noise",
+        "--noise-count", "50", "--no-plots", "--lr", "0.01"]
+TIMING = {"train_seconds", "predict_seconds", "peak_rss_mib"}
+
+
+def metrics_without_timing(m):
+    return {k: v for k, v in m.items() if k not in TIMING}
+
+
+def guide_params(path):
+    return torch.load(path, weights_only=False)["params"]["params"]
+
+
+def assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_same_seed_same_everything_and_another_seed_differs(tmp_path, data_dir, capsys):
+    runs = [bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path / f"r{i}"), "--epochs", "2",
+                     "--seed", str(seed), *TINY]) for i, seed in enumerate((7, 7, 8))]
+    assert metrics_without_timing(runs[0]) == metrics_without_timing(runs[1])
+    assert_same_params(guide_params(tmp_path / "r0/guide.pt"), guide_params(tmp_path / "r1/guide.pt"))
+    assert runs[0]["epoch_losses"] != runs[2]["epoch_losses"]
+
+
+def test_three_epochs_then_resume_two_equals_five_straight(tmp_path, data_dir, capsys):
+    base = ["--data-dir", str(data_dir), *TINY]
+    straight = bm.main([*base, "--out-dir", str(tmp_path / "a"), "--epochs", "5"])
+    bm.main([*base, "--out-dir", str(tmp_path / "b"), "--epochs", "3"])
+    resumed = bm.main([*base, "--out-dir", str(tmp_path / "b"), "--epochs", "5", "--resume"])
+    assert "resuming from" in capsys.readouterr().out
+    assert metrics_without_timing(straight) == metrics_without_timing(resumed)
+    assert_same_params(guide_params(tmp_path / "a/guide.pt"), guide_params(tmp_path / "b/guide.pt"))
+
+
+def start_long_run(out, data_dir):
+    cmd = [sys.executable, str(ROOT / "bnn_mnist.py"), "--data-dir", str(data_dir), "--out-dir", str(out),
+           "--epochs", "400", "--batch-size", "8", *TINY[:2], *TINY[4:]]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+
+
+def wait_for_checkpoint(out, proc, min_epoch=2, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, proc.communicate()
+        if (out / "checkpoint.pt").exists() and bm.load_checkpoint(out / "checkpoint.pt")["epoch"] >= min_epoch:
+            return
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_killed_run_resumes_to_the_same_result(tmp_path, data_dir, how):
+    out = tmp_path / "run"
+    proc = start_long_run(out, data_dir)
+    wait_for_checkpoint(out, proc)
+    time.sleep(0.1)  # somewhere inside an epoch
+    proc.send_signal(getattr(signal, how))
+    _, stderr = proc.communicate(timeout=60)
+    ckpt = bm.load_checkpoint(out / "checkpoint.pt")  # loadable whatever the signal
+    if how == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL and ckpt["step"] == 0  # the last end-of-epoch checkpoint
+    else:
+        assert proc.returncode == 128 + getattr(signal, how)
+        assert "interrupted at epoch" in stderr and "run again with --resume" in stderr
+    assert not list(out.glob("*.tmp"))
+    # Finish two more epochs than were complete, and compare with a straight run of as many.
+    epochs = ckpt["epoch"] + 2
+    argv = ["--data-dir", str(data_dir), "--epochs", str(epochs), "--batch-size", "8", *TINY[:2], *TINY[4:]]
+    resumed = bm.main([*argv, "--out-dir", str(out), "--resume"])
+    straight = bm.main([*argv, "--out-dir", str(tmp_path / "straight")])
+    assert metrics_without_timing(resumed) == metrics_without_timing(straight)
+    assert_same_params(guide_params(out / "guide.pt"), guide_params(tmp_path / "straight/guide.pt"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_data):
+    x, y, _, _ = small_data
+    ckpt = tmp_path / "checkpoint.pt"
+    kw = dict(batch_size=64, lr=1e-2, progress=False, log=lambda *a: None, checkpoint_path=ckpt)
+    bm.train(bm.BNN(784, 16, 10), x, y, epochs=1, **kw)
+    good = ckpt.read_bytes()
+    state = bm.load_checkpoint(ckpt)
+    state["params"]["params"]["out.bias_loc"].data[3] = float("nan")
+    with pytest.raises(bm.TrainingDiverged, match="loss became nan at epoch 2 step 1.*last good checkpoint kept"):
+        bm.train(bm.BNN(784, 16, 10), x, y, epochs=2, resume_state=state, **kw)
+    assert ckpt.read_bytes() == good
+
+
+def test_diverging_cli_run_exits_with_one_line(tmp_path, data_dir):
+    r = subprocess.run([sys.executable, str(ROOT / "bnn_mnist.py"), "--data-dir", str(data_dir),
+                        "--out-dir", str(tmp_path), "--epochs", "2", "--lr", "1e30", *TINY[:4]],
+                       capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: loss became") and "at epoch 1 step" in lines[0]
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+    argv = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), *TINY]
+    bm.main([*argv, "--epochs", "1"])
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bm.torch, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        bm.main([*argv, "--epochs", "2", "--resume"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: could not save {tmp_path / 'checkpoint.pt'}: No space left on device "
+                   f"(the previous file is kept)"]
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_refuses_other_settings_and_formats(tmp_path, data_dir, capsys):
+    argv = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY]
+    with pytest.raises(SystemExit):
+        bm.main([*argv, "--resume"])
+    assert f"--resume: no checkpoint at {tmp_path / 'checkpoint.pt'}" in capsys.readouterr().err
+    bm.main(argv)
+    with pytest.raises(SystemExit):
+        bm.main([*argv, "--resume", "--hidden-size", "24"])
+    assert "but this BNN needs (24, 784) (a different --hidden-size?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bm.main([*argv, "--resume", "--lr", "0.02"])
+    assert "was made with other settings (lr 0.01 -> 0.02)" in capsys.readouterr().err
+    obj = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    obj["format"] = "bnn_mnist-checkpoint-0"
+    torch.save(obj, tmp_path / "checkpoint.pt")
+    with pytest.raises(SystemExit):
+        bm.main([*argv, "--resume"])
+    assert "has format 'bnn_mnist-checkpoint-0', expected 'bnn_mnist-checkpoint-1'" in capsys.readouterr().err
+    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 1
