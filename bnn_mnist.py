@@ -228,6 +228,12 @@ def load_fashion(data_dir, fashion_dir=None):
 
 
 class BNN(nn.Module):
+    """The architecture: 784 -> hidden (ReLU) -> 10 logits.
+
+    `net(x)` runs it at its own initial weights; the posterior lives in Pyro's param
+    store (see `guide`), and `predict` / `predict_prob` use it.
+    """
+
     def __init__(self, input_size=784, hidden_size=1024, output_size=10):
         super().__init__()
         self.fc1 = nn.Linear(input_size, hidden_size)
@@ -942,7 +948,9 @@ def _load(path, expected_format, device):
 
 def load_checkpoint(path, device="cpu"):
     obj = _load(path, CHECKPOINT_FORMAT, device)
-    obj["rng"] = obj["rng"].cpu()
+    obj["rng"] = obj["rng"].cpu()  # RNG states are CPU byte tensors, whatever map_location did
+    if obj.get("cuda_rng") is not None:
+        obj["cuda_rng"] = [state.cpu() for state in obj["cuda_rng"]]
     return obj
 
 
@@ -1136,6 +1144,9 @@ def run(cfg):
             what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
             raise ValueError(f"--resume: {ckpt_path} was made with other settings ({what})")
         print(f"resuming from {ckpt_path}: epoch {resume_state['epoch']}, step {resume_state['step']}")
+    elif ckpt_path.exists():
+        print(f"note: starting afresh; {ckpt_path} from an earlier run will be replaced "
+              f"(--resume continues it instead)")
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -1277,6 +1288,9 @@ def main(argv=None):
         print(f"{e}; checkpoint saved to {Path(cfg.out_dir) / 'checkpoint.pt'}: "
               f"run again with --resume to continue", file=sys.stderr)
         raise SystemExit(128 + e.signum) from None
+    except KeyboardInterrupt:  # Ctrl-C outside training (loading, evaluating, plotting)
+        print(f"interrupted; what was already written to {cfg.out_dir} is kept", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except (DataError, TrainingDiverged, FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
