@@ -738,7 +738,7 @@ def _finish(fig, path):
 
 
 def _digit(ax, image, title=None):
-    ax.imshow(image.reshape(28, 28).cpu(), cmap="gray_r", vmin=0, vmax=1)
+    ax.imshow(image.reshape(28, 28).cpu().numpy(), cmap="gray_r", vmin=0, vmax=1)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)
@@ -770,10 +770,10 @@ def plot(x, probs, label=None, path=None):
     ax.bar(range(CLASSES), mean.numpy(), color=colors, alpha=0.85, label="mean over samples")
     if len(probs) > 1:
         lo, hi = probs.quantile(0.05, 0), probs.quantile(0.95, 0)
-        ax.errorbar(range(CLASSES), mean, yerr=[(mean - lo).numpy(), (hi - mean).numpy()],
+        ax.errorbar(range(CLASSES), mean.numpy(), yerr=[(mean - lo).numpy(), (hi - mean).numpy()],
                     fmt="none", ecolor="black", capsize=3, lw=1, label="5-95% of samples")
         jitter = (torch.rand(probs.shape) - 0.5) * 0.4
-        ax.scatter((torch.arange(CLASSES) + jitter).flatten(), probs.flatten(), s=4, color="black",
+        ax.scatter((torch.arange(CLASSES) + jitter).flatten().numpy(), probs.flatten().numpy(), s=4, color="black",
                    alpha=0.25, label=f"{len(probs)} posterior samples")
     ax.set_xticks(range(CLASSES))
     ax.set_ylim(0, 1.02)
@@ -786,11 +786,11 @@ def plot(x, probs, label=None, path=None):
 
 def plot_reliability(probs, y, path=None, bins=15):
     """Reliability diagram: accuracy against confidence in 15 equal-width bins."""
-    count, conf, acc = calibration_bins(probs, y, bins)
+    count, conf, acc = (t.numpy() for t in calibration_bins(probs, y, bins))
     ece = expected_calibration_error(probs, y, bins)
     fig, axes = _figure(1, 2, figsize=(9, 4))
     ax = axes[0, 0]
-    edges = torch.linspace(0, 1, bins + 1)
+    edges = torch.linspace(0, 1, bins + 1).numpy()
     centers, width = (edges[:-1] + edges[1:]) / 2, 1 / bins
     used = count > 0
     ax.bar(centers[used], acc[used], width=width * 0.9, color="#4c72b0", label="accuracy in bin")
@@ -811,7 +811,7 @@ def plot_reliability(probs, y, path=None, bins=15):
 
 def plot_coverage(score, correct, threshold, measure, path=None):
     """Accuracy on the accepted images against coverage, the default threshold marked."""
-    cov, acc = accuracy_coverage_curve(score, correct)
+    cov, acc = (t.numpy() for t in accuracy_coverage_curve(score, correct))
     point = abstention(score, correct, threshold)
     fig, axes = _figure(figsize=(6, 4))
     ax = axes[0, 0]
