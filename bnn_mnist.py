@@ -1100,13 +1100,21 @@ class _SignalFlag:
             signal.signal(s, h)
 
 
+OUTPUTS = ("metrics.json", "guide.pt", "checkpoint.pt", "prediction.png", "reliability.png",
+           "coverage.png", "uncertainty_hist.png", "examples.png")
+
+
 def _prepare_out_dir(out_dir):
+    """Create out_dir, check it is writable, and remove temporary files a killed run left."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()
+        for name in OUTPUTS:
+            for leftover in out.glob(f"{name}.*.tmp"):  # atomic_save's temporary files
+                leftover.unlink()
     except OSError as e:
         raise OSError(f"cannot write to --out-dir {out}: {e.strerror or e}") from None
     return out

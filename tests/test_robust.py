@@ -80,11 +80,11 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, data_dir, how):
     else:
         assert proc.returncode == 128 + getattr(signal, how)
         assert "interrupted at epoch" in stderr and "run again with --resume" in stderr
-    assert not list(out.glob("*.tmp"))
     # Finish two more epochs than were complete, and compare with a straight run of as many.
     epochs = ckpt["epoch"] + 2
     argv = ["--data-dir", str(data_dir), "--epochs", str(epochs), "--batch-size", "8", *TINY[:2], *TINY[4:]]
     resumed = bm.main([*argv, "--out-dir", str(out), "--resume"])
+    assert not list(out.glob("*.tmp"))  # none left, even by a kill in the middle of a write
     straight = bm.main([*argv, "--out-dir", str(tmp_path / "straight")])
     assert metrics_without_timing(resumed) == metrics_without_timing(straight)
     assert_same_params(guide_params(out / "guide.pt"), guide_params(tmp_path / "straight/guide.pt"))
@@ -130,6 +130,13 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, data_dir
                    f"(the previous file is kept)"]
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_leftover_temporary_files_are_removed(tmp_path, data_dir, capsys):
+    (tmp_path / "checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.txt.tmp").write_text("not ours")
+    bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY])
+    assert sorted(p.name for p in tmp_path.glob("*.tmp")) == ["notes.txt.tmp"]
 
 
 def test_resume_refuses_other_settings_and_formats(tmp_path, data_dir, capsys):
