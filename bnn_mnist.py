@@ -170,8 +170,8 @@ def load_mnist(data_dir, train=True, dataset="MNIST"):
     raw = Path(data_dir) / dataset / "raw"
     try:
         return load_idx_pair(raw, train)
-    except FileNotFoundError:
-        pass
+    except FileNotFoundError as e:
+        missing = Path(str(e)).name
     import torchvision
 
     try:
@@ -180,7 +180,7 @@ def load_mnist(data_dir, train=True, dataset="MNIST"):
         lines = [line for line in str(e).splitlines() if line.strip()]
         reason = lines[-1].strip("<> ") if lines else type(e).__name__
         raise DataError(
-            f"no {dataset} files in {raw} and the download failed ({reason}); "
+            f"no {dataset} file {missing} in {raw} and the download failed ({reason}); "
             f"put the four *-ubyte files there, or point --data-dir at a folder holding "
             f"{dataset}/raw/ (see README)"
         ) from None
