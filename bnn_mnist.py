@@ -1165,6 +1165,8 @@ def run(cfg):
             init_scale=cfg.init_scale, elbo=cfg.elbo, max_batches=cfg.max_batches, checkpoint_path=ckpt_path, settings=settings,
             resume_state=resume_state, stop_requested=flag,
         )
+        if flag():  # the signal came during the last checkpoint write: stop now all the same
+            raise Interrupted(f"interrupted after epoch {cfg.epochs}", flag())
     losses, train_seconds = result["losses"], result["train_seconds"]
     save_guide(out / "guide.pt", net, cfg.prior_scale)
 
