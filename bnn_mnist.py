@@ -30,6 +30,7 @@ the 2018 articles "Tutorial: Bayesian Neural Networks with Pyro" and
 """
 
 import argparse
+import errno
 import gzip
 import io
 import json
@@ -147,7 +148,7 @@ def load_idx_pair(folder, train=True):
     img_path, lbl_path = _find(folder, img_name), _find(folder, lbl_name)
     if img_path is None or lbl_path is None:
         missing = img_name if img_path is None else lbl_name
-        raise FileNotFoundError(f"{Path(folder) / missing}")
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(Path(folder) / missing))
     images, labels = read_idx(img_path), read_idx(lbl_path)
     if images.dim() != 3 or images.shape[1:] != (28, 28):
         raise DataError(f"{img_path} holds images of shape {tuple(images.shape[1:])}, not 28x28")
@@ -171,7 +172,7 @@ def load_mnist(data_dir, train=True, dataset="MNIST"):
     try:
         return load_idx_pair(raw, train)
     except FileNotFoundError as e:
-        missing = Path(str(e)).name
+        missing = Path(e.filename).name
     import torchvision
 
     try:
@@ -1122,8 +1123,10 @@ def _prepare_out_dir(out_dir):
 
 def run(cfg):
     """The whole pipeline for one Config; returns the metrics dict (also in metrics.json)."""
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
     out = _prepare_out_dir(cfg.out_dir)
     pyro.set_rng_seed(cfg.seed)
 
@@ -1236,8 +1239,11 @@ def uncertainty_report(cfg, net, x_test, y_test, device, out):
         except (FileNotFoundError, DataError) as e:
             report["ood_skipped"][name] = str(e)
             print(f"warning: skipping OOD set {name}: {e}", file=sys.stderr)
+    first_two = {}  # each OOD set's first two images' sample probabilities, for the example grid
     for name, x in ood.items():
-        s = uncertainty(sample_probs(x.to(device), net, cfg.unc_samples))
+        p = sample_probs(x.to(device), net, cfg.unc_samples)  # (S, N, 10)
+        first_two[name] = p[:, :2].clone()
+        s = uncertainty(p)
         scores[name] = s
         report["abstention"][name] = {"refused": float((s[cfg.measure] > threshold).float().mean())}
         report["auroc"][name] = {m: auroc(scores["MNIST"][m].cpu(), s[m].cpu()) for m in MEASURES}
@@ -1258,22 +1264,16 @@ def uncertainty_report(cfg, net, x_test, y_test, device, out):
                       path=out / "coverage.png")
         plot_histograms({n: s[cfg.measure] for n, s in scores.items()}, cfg.measure, threshold,
                         path=out / "uncertainty_hist.png")
-        xs, ls = _example_images(x_test, y_test, scores["MNIST"][cfg.measure], ood, threshold)
-        ex_probs = sample_probs(xs.to(device), net, cfg.unc_samples)
-        plot_examples(xs.cpu(), ex_probs, uncertainty(ex_probs)[cfg.measure].cpu(), threshold, labels=ls,
+        # Six MNIST digits (the three most and three least certain) and two of each OOD set,
+        # shown with the same posterior samples that scored them above.
+        order = scores["MNIST"][cfg.measure].cpu().argsort()
+        pick = torch.cat([order[:3], order[-3:]])
+        xs = torch.cat([x_test[pick].cpu(), *(x[:2].cpu() for x in ood.values())])
+        ps = torch.cat([probs[:, pick.to(probs.device)], *first_two.values()], dim=1)  # (S, N, 10)
+        labels = torch.cat([y_test[pick].cpu(), torch.full((len(xs) - len(pick),), -1)])
+        plot_examples(xs, ps, uncertainty(ps)[cfg.measure].cpu(), threshold, labels=labels,
                       path=out / "examples.png")
     return report
-
-
-def _example_images(x_test, y_test, score, ood, threshold):
-    """Six MNIST digits (the three most and three least certain) and two of each OOD set."""
-    order = score.cpu().argsort()
-    pick = torch.cat([order[:3], order[-3:]])
-    xs, ls = [x_test[pick].cpu()], [y_test[pick].cpu()]
-    for x in ood.values():
-        xs.append(x[:2].cpu())
-        ls.append(torch.full((min(2, len(x)),), -1))
-    return torch.cat(xs), torch.cat(ls)
 
 
 def write_json(obj, path):
