@@ -18,7 +18,6 @@ MNIST's size (60,000 training, 10,000 test).
 import argparse
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -36,12 +35,12 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def floor_train(net, x, y, steps, batch_size, lr, lr_decay, prior_scale, init_scale):
-    """Bayes-by-backprop by hand: the same ELBO as bnn_mnist's TraceMeanField_ELBO."""
+def floor_train(net, x, y, steps, batch_size, lr, lr_decay, prior_scale, elbo):
+    """Bayes-by-backprop by hand: the same ELBO estimator as bnn_mnist's (sampled or exact KL)."""
     n = len(x)
-    locs = [p.detach().clone().requires_grad_() for p in net.parameters()]
-    rhos = [torch.full_like(p, bm.inverse_softplus(init_scale)).requires_grad_() for p in net.parameters()]
-    names = [name for name, _ in net.named_parameters()]
+    locs = [p.detach().clone().requires_grad_() for p in net.loc.values()]
+    rhos = [p.detach().clone().requires_grad_() for p in net.rho.values()]
+    names = list(net.loc)
     opt = torch.optim.Adam(locs + rhos, lr=lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, lr_decay)
     log_prior = math.log(prior_scale)
@@ -53,9 +52,12 @@ def floor_train(net, x, y, steps, batch_size, lr, lr_decay, prior_scale, init_sc
         w = {k: m + s * torch.randn_like(m) for k, m, s in zip(names, locs, scales)}
         logits = bm.bnn_forward(w, x[idx])
         nll = F.cross_entropy(logits, y[idx], reduction="sum") * (n / len(idx))
-        # KL(N(m, s) || N(0, p)) = log p - log s + (s^2 + m^2) / (2 p^2) - 1/2
-        kl = sum((log_prior - s.log() + (s * s + m * m) / (2 * prior_scale**2) - 0.5).sum()
-                 for m, s in zip(locs, scales))
+        if elbo == "trace":  # log q(w) - log p(w) at the sampled w (Trace_ELBO)
+            kl = sum((log_prior - s.log() - 0.5 * ((w[k] - m) / s) ** 2 + 0.5 * (w[k] / prior_scale) ** 2).sum()
+                     for k, m, s in zip(names, locs, scales))
+        else:  # KL(N(m, s) || N(0, p)) = log p - log s + (s^2 + m^2) / (2 p^2) - 1/2
+            kl = sum((log_prior - s.log() + (s * s + m * m) / (2 * prior_scale**2) - 0.5).sum()
+                     for m, s in zip(locs, scales))
         loss = nll + kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -116,10 +118,10 @@ def main(argv=None):
 
     # --- training: warm up both, then alternate timed rounds so both see the same machine
     kw = dict(epochs=1, batch_size=args.batch_size, lr=d.lr, lr_decay=d.lr_decay, prior_scale=d.prior_scale,
-              init_scale=d.init_scale, elbo=args.elbo, progress=False, log=lambda *a: None)
+              elbo=args.elbo, progress=False, log=lambda *a: None)
     pyro_side = lambda n: bm.train(net, x, y, max_batches=n, **kw)  # noqa: E731
     floor_side = lambda n: floor_train(net, x, y, n, args.batch_size, d.lr, decay,  # noqa: E731
-                                       d.prior_scale, d.init_scale)
+                                       d.prior_scale, args.elbo)
     pyro_side(args.warmup)
     floor_side(args.warmup)
     t_pyro, t_floor = math.inf, math.inf
@@ -128,9 +130,8 @@ def main(argv=None):
         t_floor = min(t_floor, timed(lambda: floor_side(steps), device)[0])
 
     # --- prediction of the whole test set with num_samples samples
-    store = pyro.get_param_store()
-    locs = {k: store[f"{k}_loc"].detach() for k, _ in net.named_parameters()}
-    scales = {k: F.softplus(store[f"{k}_rho"]).detach() for k, _ in net.named_parameters()}
+    locs = {k: p.detach() for k, p in net.loc.items()}
+    scales = {k: F.softplus(p).detach() for k, p in net.rho.items()}
     bm.predict_prob(xt[:100], net, args.num_samples)
     floor_predict(locs, scales, xt[:100], args.num_samples)
     p_pyro, p_floor = math.inf, math.inf
@@ -150,7 +151,7 @@ def main(argv=None):
           f"{t_pyro / t_floor:8.2f}")
     print(f"{'predict s, 10k x ' + str(args.num_samples) + ' samples':28}{p_pyro:12.2f}{p_floor:12.2f}"
           f"{p_pyro / p_floor:8.2f}")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+    print(f"peak RSS {bm.peak_rss_mib() or float('nan'):.0f} MiB"
           + (f", peak CUDA {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""))
     return {"train_ratio": t_pyro / t_floor, "predict_ratio": p_pyro / p_floor}
 

@@ -77,7 +77,15 @@ def small_data(data_dir):
     return x, y, xt, yt
 
 
-SMALL = ["--hidden-size", "32", "--batch-size", "64", "--unc-samples", "20", "--noise-count", "100"]
+SMALL = ["--hidden-size", "32", "--batch-size", "64", "--unc-samples", "20", "--noise-count", "100",
+         "--val-size", "100"]
+
+
+def ready_net(hidden=16, init_scale=1e-3):
+    """A BNN whose posterior is still at its start, marked as trained so that it predicts."""
+    net = bm.BNN(784, hidden, 10, init_scale=init_scale)
+    net.trained.fill_(True)
+    return net
 
 
 def cli_env():

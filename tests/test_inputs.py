@@ -7,13 +7,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bnn_mnist as bm
+from conftest import ready_net
 
 
 @pytest.fixture
 def net():
-    net = bm.BNN(784, 8, 10)
-    bm.guide(None, net=net, init_scale=0.05)
-    return net
+    return ready_net(8, init_scale=0.05)
 
 
 @pytest.mark.parametrize(
@@ -39,9 +38,9 @@ def test_bad_images_raise_a_clear_value_error(net, x, message):
 
 def test_uint8_images_are_scaled_and_numpy_accepted(net):
     x8 = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
-    assert torch.equal(bm.normalize(x8), x8.reshape(3, 784).float() / 255)
-    assert torch.equal(bm.normalize(x8.numpy()), bm.normalize(x8))
-    assert bm.normalize(np.zeros((2, 784))).dtype == torch.float32
+    assert torch.equal(bm.to_images(x8), x8.reshape(3, 784).float() / 255)
+    assert torch.equal(bm.to_images(x8.numpy()), bm.to_images(x8))
+    assert bm.to_images(np.zeros((2, 784))).dtype == torch.float32
 
 
 def test_bad_num_samples(net):

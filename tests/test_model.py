@@ -7,15 +7,16 @@ import pyro.poutine as poutine
 import pytest
 import torch
 import torch.nn.functional as F
-from pyro.infer import TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 import bnn_mnist as bm
+from conftest import ready_net
 
 H = 16  # a small hidden layer keeps these tests fast
 
 
 def traces(x, y, net, num_data):
-    guide_trace = poutine.trace(bm.guide).get_trace(x, y, num_data, net=net)
+    guide_trace = poutine.trace(bm.guide).get_trace(x, y, num_data, net=net)  # outside SVI: a store entry
     model_trace = poutine.trace(poutine.replay(bm.model, trace=guide_trace)).get_trace(
         x, y, num_data, net=net)
     return model_trace, guide_trace
@@ -25,7 +26,7 @@ def test_site_shapes_and_plate_scale(small_data):
     x, y, _, _ = small_data
     net = bm.BNN(784, H, 10)
     model_trace, guide_trace = traces(x[:50], y[:50], net, num_data=600)
-    expected = {"fc1.weight": (H, 784), "fc1.bias": (H,), "out.weight": (10, H), "out.bias": (10,)}
+    expected = {"fc1_weight": (H, 784), "fc1_bias": (H,), "out_weight": (10, H), "out_bias": (10,)}
     for name, shape in expected.items():
         site = model_trace.nodes[name]
         assert site["value"].shape == shape and site["fn"].event_shape == shape and site["fn"].batch_shape == ()
@@ -37,25 +38,32 @@ def test_site_shapes_and_plate_scale(small_data):
 
 
 def test_guide_starts_at_the_layer_init_with_small_scales():
-    net = bm.BNN(784, H, 10)
-    bm.guide(None, net=net, init_scale=0.01)
-    store = pyro.get_param_store()
-    assert torch.equal(store["fc1.weight_loc"], net.fc1.weight.detach())
-    assert torch.allclose(F.softplus(store["out.bias_rho"]), torch.full((10,), 0.01))
+    torch.manual_seed(0)
+    net = bm.BNN(784, H, 10, init_scale=0.01)
+    torch.manual_seed(0)
+    fc1 = torch.nn.Linear(784, H)  # the same init as the BNN's first layer
+    assert torch.equal(net.loc["fc1_weight"].detach(), fc1.weight.detach())
+    assert torch.allclose(F.softplus(net.rho["out_bias"]), torch.full((10,), 0.01))
+    assert not net.trained
 
 
-def test_lean_elbo_equals_pyros_meanfield_elbo(small_data):
+def test_elbo_is_the_full_data_elbo_and_both_estimators_agree(small_data):
+    """-ELBO = N * E[-log p(y|x,w)] per-image average + KL(q || p): Trace_ELBO's sampled KL and
+    TraceMeanField_ELBO's exact KL estimate the same number (the KL is counted once)."""
     x, y, _, _ = small_data
-    net = bm.BNN(784, H, 10)
-    bm.guide(None, net=net)
-    model = lambda *a: bm.model(*a, net=net)  # noqa: E731
-    guide = lambda *a: bm.guide(*a, net=net)  # noqa: E731
-    losses = []
-    for elbo, validate in ((TraceMeanField_ELBO(), True), (bm.MeanFieldELBO(), False)):
-        pyro.set_rng_seed(3)
-        with pyro.validation_enabled(validate):
-            losses.append(elbo.loss(model, guide, x[:64], y[:64], 600))
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    net = bm.BNN(784, H, 10, init_scale=0.05)
+    m = lambda *a: bm.model(*a, net=net)  # noqa: E731
+    g = lambda *a: bm.guide(*a, net=net)  # noqa: E731
+    with pyro.get_param_store().scope():
+        trace = sum(Trace_ELBO().loss(m, g, x[:64], y[:64], 600) for _ in range(400)) / 400
+        exact = sum(TraceMeanField_ELBO().loss(m, g, x[:64], y[:64], 600) for _ in range(50)) / 50
+    kl = sum(torch.distributions.kl_divergence(net.q(k).base_dist, torch.distributions.Normal(0.0, 1.0)).sum()
+             for k in net.loc).item()
+    # the mean-network log-likelihood of the batch, scaled to the 600 images, plus the KL
+    nll = F.cross_entropy(bm.bnn_forward(dict(net.loc), x[:64]), y[:64], reduction="sum").item() * 600 / 64
+    assert exact == pytest.approx(nll + kl, rel=0.02)
+    assert trace == pytest.approx(exact, rel=0.02)
+    assert kl > 1000  # so a KL counted per batch (x 9.4) or dropped would fail the first assert
 
 
 def test_elbo_falls_and_same_seed_same_losses(small_data):
@@ -85,14 +93,13 @@ def test_trained_net_predicts_and_probabilities_sum_to_one(small_data):
 
 
 def test_prediction_averages_probabilities_not_logits():
-    net = bm.BNN(784, H, 10)
-    bm.guide(None, net=net, init_scale=1e-30)
+    net = ready_net(H, init_scale=1e-30)
     x = torch.rand(5, 784)
     # With (almost) zero guide variance the predictive is softmax(net(x)) at the means.
     assert torch.allclose(bm.predict_prob(x, net, 3), torch.softmax(net(x), -1), atol=1e-6)
     # With very noisy output biases the samples disagree confidently: the mean of their
     # probabilities is spread out, the softmax of their mean logits (the article) is not.
-    pyro.get_param_store()["out.bias_rho"].data.fill_(bm.inverse_softplus(50.0))
+    net.rho["out_bias"].data.fill_(bm.inverse_softplus(50.0))
     pyro.set_rng_seed(4)
     logits = bm.bnn_forward(bm.sample_weights(net, 200), x)  # (200, 5, 10)
     by_probs, by_logits = torch.softmax(logits, -1).mean(0), torch.softmax(logits.mean(0), -1)
@@ -104,8 +111,7 @@ def test_prediction_averages_probabilities_not_logits():
 
 @pytest.mark.parametrize("shape", [(4, 784), (4, 28, 28), (4, 1, 28, 28)])
 def test_input_shapes_give_the_same_prediction(shape):
-    net = bm.BNN(784, H, 10)
-    bm.guide(None, net=net)
+    net = ready_net(H)
     x = torch.rand(4, 784)
     pyro.set_rng_seed(1)
     ref = bm.predict_prob(x, net)
@@ -114,8 +120,7 @@ def test_input_shapes_give_the_same_prediction(shape):
 
 
 def test_chunked_prediction_matches_and_stays_valid():
-    net = bm.BNN(784, H, 10)
-    bm.guide(None, net=net, init_scale=0.3)
+    net = ready_net(H, init_scale=0.3)
     x = torch.rand(300, 784)
     pyro.set_rng_seed(2)
     whole = bm.sample_probs(x, net, 1)
@@ -129,14 +134,12 @@ def test_chunked_prediction_matches_and_stays_valid():
 
 def test_save_and_load_guide_round_trip(tmp_path, small_data):
     _, _, xt, _ = small_data
-    net = bm.BNN(784, H, 10)
-    bm.guide(None, net=net, init_scale=0.1)
+    net = ready_net(H, init_scale=0.1)
     pyro.set_rng_seed(5)
     before = bm.predict_prob(xt, net)
     bm.save_guide(tmp_path / "guide.pt", net, prior_scale=1.0)
-    pyro.clear_param_store()
     loaded = bm.load_guide(tmp_path / "guide.pt")
-    assert loaded.fc1.out_features == H
+    assert loaded.sizes == (784, H, 10)
     pyro.set_rng_seed(5)
     assert torch.equal(bm.predict_prob(xt, loaded), before)
 
@@ -150,19 +153,18 @@ def test_load_guide_errors(tmp_path):
         bm.load_guide(tmp_path / "junk.pt")
     with pytest.raises(FileNotFoundError, match="no such file"):
         bm.load_guide(tmp_path / "missing.pt")
-    net = bm.BNN(784, H, 10)
-    bm.guide(None, net=net)
+    net = ready_net(H)
     bm.save_guide(tmp_path / "g.pt", net, 1.0)
-    obj = torch.load(tmp_path / "g.pt", weights_only=False)
+    obj = torch.load(tmp_path / "g.pt", weights_only=True)
     obj["settings"]["hidden_size"] = 2 * H
     torch.save(obj, tmp_path / "g.pt")
     with pytest.raises(ValueError, match="different --hidden-size"):
         bm.load_guide(tmp_path / "g.pt")
 
 
-def test_trace_elbo_option_trains(small_data):
+def test_meanfield_elbo_option_trains(small_data):
     x, y, _, _ = small_data
     net = bm.BNN(784, H, 10)
-    out = bm.train(net, x, y, epochs=2, batch_size=64, lr=1e-2, elbo="trace", validate=True,
+    out = bm.train(net, x, y, epochs=2, batch_size=64, lr=1e-2, elbo="meanfield", validate=True,
                    progress=False, log=lambda *a: None)
     assert len(out["losses"]) == 2 and all(math.isfinite(v) for v in out["losses"])

@@ -14,7 +14,7 @@ import bnn_mnist as bm
 from conftest import ROOT, cli_env
 
 TINY = ["--hidden-size", "16", "--batch-size", "32", "--unc-samples", "10", "--ood", "noise",
-        "--noise-count", "50", "--no-plots", "--lr", "0.01"]
+        "--noise-count", "50", "--no-plots", "--lr", "0.01", "--val-size", "100"]
 TIMING = {"train_seconds", "predict_seconds", "peak_rss_mib"}
 
 
@@ -23,7 +23,7 @@ def metrics_without_timing(m):
 
 
 def guide_params(path):
-    return torch.load(path, weights_only=False)["params"]["params"]
+    return torch.load(path, weights_only=True)["net"]
 
 
 def assert_same_params(a, b):
@@ -97,7 +97,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, smal
     bm.train(bm.BNN(784, 16, 10), x, y, epochs=1, **kw)
     good = ckpt.read_bytes()
     state = bm.load_checkpoint(ckpt)
-    state["params"]["params"]["out.bias_loc"].data[3] = float("nan")
+    state["net"]["loc.out_bias"][3] = float("nan")
     with pytest.raises(bm.TrainingDiverged, match="loss became nan at epoch 2 step 1.*last good checkpoint kept"):
         bm.train(bm.BNN(784, 16, 10), x, y, epochs=2, resume_state=state, **kw)
     assert ckpt.read_bytes() == good
@@ -105,7 +105,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, smal
 
 def test_diverging_cli_run_exits_with_one_line(tmp_path, data_dir):
     r = subprocess.run([sys.executable, str(ROOT / "bnn_mnist.py"), "--data-dir", str(data_dir),
-                        "--out-dir", str(tmp_path), "--epochs", "2", "--lr", "1e30", *TINY[:4]],
+                        "--out-dir", str(tmp_path), "--epochs", "2", "--lr", "1e30", *TINY[:4], "--val-size", "100"],
                        capture_output=True, text=True, env=cli_env(), timeout=120)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
@@ -147,7 +147,7 @@ def test_resume_refuses_other_settings_and_formats(tmp_path, data_dir, capsys):
     bm.main(argv)
     with pytest.raises(SystemExit):
         bm.main([*argv, "--resume", "--hidden-size", "24"])
-    assert "but this BNN needs (24, 784) (a different --hidden-size?)" in capsys.readouterr().err
+    assert "of shape (16,), but this BNN needs (24,) (a different --hidden-size?)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bm.main([*argv, "--resume", "--lr", "0.02"])
     assert "was made with other settings (lr 0.01 -> 0.02)" in capsys.readouterr().err
@@ -156,5 +156,5 @@ def test_resume_refuses_other_settings_and_formats(tmp_path, data_dir, capsys):
     torch.save(obj, tmp_path / "checkpoint.pt")
     with pytest.raises(SystemExit):
         bm.main([*argv, "--resume"])
-    assert "has format 'bnn_mnist-checkpoint-0', expected 'bnn_mnist-checkpoint-1'" in capsys.readouterr().err
+    assert "has format 'bnn_mnist-checkpoint-0', expected 'bnn_mnist-checkpoint-2'" in capsys.readouterr().err
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 1

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bnn_mnist as bm
+from conftest import ready_net
 
 
 def test_entropy_of_uniform_and_one_hot():
@@ -63,12 +64,9 @@ def test_abstention_arithmetic_and_coverage_curve():
 
 
 def test_predict_or_abstain_refuses_where_samples_disagree():
-    net = bm.BNN(784, 16, 10)
-    bm.guide(None, net=net, init_scale=1e-30)
+    net = ready_net(16, init_scale=1e-30)
     x = torch.rand(4, 784)
     out = bm.predict_or_abstain(x, net, "mutual_information", threshold=0.01, num_samples=30)
     assert torch.equal(out, torch.softmax(net(x), -1).argmax(-1))  # certain: all accepted
-    import pyro
-
-    pyro.get_param_store()["out.bias_rho"].data.fill_(bm.inverse_softplus(50.0))
+    net.rho["out_bias"].data.fill_(bm.inverse_softplus(50.0))
     assert (bm.predict_or_abstain(x, net, "mutual_information", 0.01, 30) == -1).all()
