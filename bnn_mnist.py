@@ -697,6 +697,14 @@ class DataError(Exception):
     """A data file is missing, truncated or malformed (the message names it)."""
 
 
+class DownloadFailed(DataError):
+    """A data set is not on disk and could not be downloaded (`reason` says why)."""
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
+
+
 def open_torchvision(dataset, data_dir, train):
     """torchvision.datasets.<dataset>(data_dir, train, download=True), checked; errors name the file."""
     import torchvision
@@ -713,9 +721,9 @@ def open_torchvision(dataset, data_dir, train):
             raise DataError(f"cannot read {dataset} in {raw}: {e}") from None
         lines = [line for line in str(e).splitlines() if line.strip()]
         reason = lines[-1].strip("<> ") if lines else type(e).__name__
-        raise DataError(f"no {dataset} file {missing[0]} in {raw} and the download failed ({reason}); put the "
-                        f"four *-ubyte files there, or point --data-dir at a folder holding {dataset}/raw/ "
-                        f"(see README)") from None
+        raise DownloadFailed(f"no {dataset} file {missing[0]} in {raw} and the download failed ({reason}); put "
+                             f"the four *-ubyte files there, or point --data-dir at a folder holding {dataset}/raw/ "
+                             f"(see README)", reason) from None
     check_pair(ds.data, ds.targets, *(raw / n for n in IDX_FILES[train]))
     return ds
 
@@ -758,7 +766,11 @@ def _find(folder, name):
 
 
 def load_fashion(data_dir, fashion_dir=None):
-    """Fashion-MNIST test images (10000, 784): from fashion_dir, DATA_DIR, or Debian's folder."""
+    """Fashion-MNIST test images (10000, 784).
+
+    From fashion_dir if given; else DATA_DIR/FashionMNIST/raw, then Debian's folder, then
+    downloaded by torchvision into DATA_DIR (once).
+    """
     folders = [fashion_dir] if fashion_dir else [Path(data_dir) / "FashionMNIST" / "raw", FASHION_SYSTEM_DIR]
     for folder in folders:
         img, lbl = (_find(folder, n) for n in IDX_FILES[False])
@@ -766,8 +778,50 @@ def load_fashion(data_dir, fashion_dir=None):
             images, labels = read_idx(img), read_idx(lbl)
             check_pair(images, labels, img, lbl)
             return images.reshape(len(images), 784).float().div_(255)
-    raise FileNotFoundError(f"Fashion-MNIST test files not found in {' or '.join(map(str, folders))} "
-                            f"(apt-get install dataset-fashion-mnist, or --fashion-dir)")
+    where = " or ".join(map(str, folders))
+    if fashion_dir:
+        raise FileNotFoundError(f"Fashion-MNIST test files not found in {where} (--fashion-dir)")
+    try:
+        return load_mnist(data_dir, train=False, dataset="FashionMNIST")[0]
+    except DownloadFailed as e:
+        raise FileNotFoundError(f"Fashion-MNIST test files not found in {where} and the download failed "
+                                f"({e.reason}); apt-get install dataset-fashion-mnist, or --fashion-dir") from None
+
+
+NOTMNIST_URL = "https://github.com/paraschopra/bayesian-neural-network-mnist/archive/refs/heads/master.zip"
+
+
+def load_notmnist(data_dir, notmnist_dir=None):
+    """The article's notMNIST-459 letters (459, 784): notmnist_dir, or DATA_DIR/notMNIST-459 (fetched once)."""
+    folder = Path(notmnist_dir) if notmnist_dir else Path(data_dir) / "notMNIST-459"
+    if notmnist_dir is None and not folder.exists():
+        fetch_notmnist(folder)
+    return load_image_folder(folder)
+
+
+def fetch_notmnist(folder, url=None):
+    """Download the article's repository (MIT licence) and keep its not-mnist/<letter>/*.png in folder."""
+    import urllib.request
+    import zipfile
+
+    url = url or NOTMNIST_URL
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            archive = zipfile.ZipFile(io.BytesIO(response.read()))
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DownloadFailed(f"no notMNIST-459 in {folder} and the download from {url} failed ({e}); "
+                             f"--notmnist-dir points at a copy", str(e)) from None
+    part = folder.with_name(folder.name + ".part")  # renamed into place when complete
+    count = 0
+    for member in archive.namelist():
+        parts = member.split("/")  # <repo>-<branch>/not-mnist/<letter>/<file>.png
+        if len(parts) == 4 and parts[1] == "not-mnist" and parts[2].isalpha() and parts[3].endswith(".png"):
+            (part / parts[2]).mkdir(parents=True, exist_ok=True)
+            (part / parts[2] / Path(parts[3]).name).write_bytes(archive.read(member))
+            count += 1
+    if not count:
+        raise DataError(f"the archive at {url} holds no not-mnist/<letter>/*.png images")
+    os.replace(part, folder)
 
 
 def load_image_folder(folder):
@@ -1137,9 +1191,9 @@ def build_parser():
                    help="comma-separated out-of-distribution sets from fashion, notmnist, noise; or 'none'")
     g.add_argument("--fashion-dir", default=d.fashion_dir,
                    help="folder with Fashion-MNIST t10k-*-ubyte[.gz] (default: DATA_DIR/FashionMNIST/raw, "
-                        f"then {FASHION_SYSTEM_DIR})")
+                        f"then {FASHION_SYSTEM_DIR}, else downloaded into DATA_DIR)")
     g.add_argument("--notmnist-dir", default=d.notmnist_dir,
-                   help="folder of letter images (default: DATA_DIR/notMNIST-459)")
+                   help="folder of letter images (default: DATA_DIR/notMNIST-459, fetched there once)")
     g.add_argument("--noise-count", type=pos_int, default=d.noise_count, help="uniform-noise images")
     g = p.add_argument_group("smoke runs")
     g.add_argument("--max-batches", type=pos_int, default=d.max_batches, help="cap on minibatches per epoch (default: all)")
@@ -1303,7 +1357,7 @@ def load_ood_sets(cfg, report):
             if name == "fashion":
                 ood["Fashion-MNIST"] = load_fashion(cfg.data_dir, cfg.fashion_dir)
             elif name == "notmnist":
-                ood["notMNIST"] = load_image_folder(cfg.notmnist_dir or Path(cfg.data_dir) / "notMNIST-459")
+                ood["notMNIST"] = load_notmnist(cfg.data_dir, cfg.notmnist_dir)
             elif name == "noise":
                 g = torch.Generator().manual_seed(cfg.seed + 1)
                 ood["noise"] = torch.rand(cfg.noise_count, 784, generator=g)
