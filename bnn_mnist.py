@@ -196,7 +196,7 @@ def model(x_data, y_data=None, num_data=None, *, net, prior_scale=DEFAULTS.prior
 
 def guide(x_data=None, y_data=None, num_data=None, *, net):
     """Samples every weight from q; returns {name: weight}. Same signature as the model."""
-    pyro.module("bnn", net)  # net.loc and net.rho become Pyro params for SVI to optimise
+    register(net)  # pyro.module: net.loc and net.rho become the Pyro params SVI optimises
     return {name: pyro.sample(name, net.q(name)) for name in net.loc}
 
 
@@ -314,7 +314,7 @@ def predictive_prob(x, net, num_samples=DEFAULTS.num_samples):
     """The same predictive with Pyro's own tool: Predictive runs the guide, then the model."""
     check_trained(net)
     predictive = Predictive(partial(model, net=net), guide=partial(guide, net=net), num_samples=num_samples,
-                            return_sites=["_RETURN"])
+                            return_sites=["_RETURN"], parallel=True)  # all samples in one vectorised pass
     with torch.no_grad(), pyro.get_param_store().scope():
         logits = predictive(to_images(x).to(net.loc["fc1_weight"].device))["_RETURN"]  # (S, B, 10)
     return logits.softmax(-1).mean(0)
@@ -631,6 +631,18 @@ class NotTrained(ValueError):
 def check_trained(net):
     if not bool(net.trained):
         raise NotTrained("this BNN has no trained posterior: train it (bm.train) or load one (bm.load_guide)")
+
+
+def register(net):
+    """pyro.module("bnn", net), refusing to train one net's tensors in another's place.
+
+    Outside `train` (which gives SVI a param store of its own), a second net's guide would
+    otherwise get the first net's tensors back from the global store, silently.
+    """
+    pyro.module("bnn", net)
+    if dict(pyro.get_param_store().named_parameters())["bnn$$$loc.fc1_weight"] is not net.loc["fc1_weight"]:
+        raise ValueError("Pyro's param store holds another BNN's posterior: run SVI by hand inside "
+                         "`with pyro.get_param_store().scope():` (as bm.train does), or pyro.clear_param_store()")
 
 
 def check_num_samples(num_samples):

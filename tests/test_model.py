@@ -168,3 +168,67 @@ def test_meanfield_elbo_option_trains(small_data):
     out = bm.train(net, x, y, epochs=2, batch_size=64, lr=1e-2, elbo="meanfield", validate=True,
                    progress=False, log=lambda *a: None)
     assert len(out["losses"]) == 2 and all(math.isfinite(v) for v in out["losses"])
+
+
+def test_two_nets_in_one_notebook_keep_their_own_posteriors(tmp_path, small_data):
+    """Trained side by side, saved, loaded in either order: each predicts as in its own run."""
+    x, y, xt, _ = small_data
+    nets, expected = [], []
+    for seed, lr in ((0, 1e-2), (1, 3e-2)):
+        pyro.set_rng_seed(seed)
+        net = bm.BNN(784, H, 10)
+        bm.train(net, x, y, epochs=2, batch_size=64, lr=lr, progress=False, log=lambda *a: None)
+        bm.save_guide(tmp_path / f"g{seed}.pt", net)
+        pyro.set_rng_seed(9)
+        expected.append(bm.predict_prob(xt, net, 5))
+        nets.append(net)
+    assert not torch.allclose(expected[0], expected[1], atol=1e-3)  # two different posteriors
+    loaded = [bm.load_guide(tmp_path / "g0.pt"), bm.load_guide(tmp_path / "g1.pt")]
+    for net in (*loaded, *nets):  # every one is still its own, whatever was loaded or trained last
+        pyro.set_rng_seed(9)
+        got = bm.predict_prob(xt, net, 5)
+        i = (nets + loaded).index(net) % 2
+        assert torch.equal(got, expected[i])
+    assert list(pyro.get_param_store().keys()) == []  # the global store was never the owner
+
+
+def test_untrained_or_mismatched_net_raises_clear_errors(tmp_path):
+    net = bm.BNN(784, H, 10)
+    for call in (lambda: bm.predict_prob(torch.rand(2, 784), net), lambda: net(torch.rand(2, 784)),
+                 lambda: bm.predictive_prob(torch.rand(2, 784), net)):
+        with pytest.raises(bm.NotTrained, match="no trained posterior: train it .* or load one"):
+            call()
+    trained = ready_net(H)
+    bm.save_guide(tmp_path / "g.pt", trained)
+    bigger = bm.BNN(784, 2 * H, 10)
+    obj = torch.load(tmp_path / "g.pt", weights_only=True)
+    with pytest.raises(ValueError, match=r"holds loc.fc1_bias of shape \(16,\), but this BNN needs \(32,\)"):
+        bm.load_net_state(bigger, obj["net"], "g.pt")
+    del obj["net"]["rho.out_bias"]
+    with pytest.raises(ValueError, match="g.pt has no parameter rho.out_bias"):
+        bm.load_net_state(bm.BNN(784, H, 10), obj["net"], "g.pt")
+
+
+def test_hand_written_svi_with_two_nets_is_refused_not_mixed_up(small_data):
+    x, y, _, _ = small_data
+    a, b = bm.BNN(784, H, 10), bm.BNN(784, H, 10)
+    svi_a, _ = bm.make_svi(a, lr=1e-2)
+    svi_a.step(x[:32], y[:32], 600)  # by hand, in the global store, as the article does
+    svi_b, _ = bm.make_svi(b, lr=1e-2)
+    with pytest.raises(ValueError, match="param store holds another BNN's posterior"):
+        svi_b.step(x[:32], y[:32], 600)
+    with pyro.get_param_store().scope():  # the fix the message gives
+        before = b.loc["out_bias"].detach().clone()
+        svi_b.step(x[:32], y[:32], 600)
+        assert not torch.equal(before, b.loc["out_bias"])
+
+
+def test_predictive_gives_the_same_posterior_predictive(small_data):
+    _, _, xt, _ = small_data
+    net = ready_net(H, init_scale=0.2)
+    pyro.set_rng_seed(0)
+    ours = bm.predict_prob(xt[:20], net, 3000)
+    pyro.set_rng_seed(1)
+    theirs = bm.predictive_prob(xt[:20], net, 3000)
+    assert (ours - theirs).abs().mean() < 0.004  # two Monte Carlo estimates of one predictive
+    assert (ours - bm.predict_prob(xt[:20], net, 1)).abs().mean() > 0.01  # which one sample is not
