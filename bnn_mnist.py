@@ -281,15 +281,17 @@ def sample_weights(net, num_samples):
 def sample_probs(x, net, num_samples=DEFAULTS.num_samples, max_elements=2**25):
     """Class probabilities of each posterior sample: (S, B, 10), on the net's device.
 
-    Work is chunked over samples and images so that the hidden activations (s, b, H)
-    never exceed max_elements floats (128 MiB by default), whatever S and B are.
+    Work is chunked over samples and images so that neither the sampled weights (s, ...)
+    nor the hidden activations (s, b, H) exceed max_elements floats (128 MiB by default),
+    whatever S and B are (as long as max_elements holds one weight set: 814k floats).
     """
     check_num_samples(num_samples)
     check_trained(net)
     x = to_images(x).to(net.loc["fc1_weight"].device)
     _, hidden, classes = net.sizes
     out = torch.empty(num_samples, x.shape[0], classes, device=x.device)
-    s_chunk = max(1, min(num_samples, max_elements // (hidden * min(x.shape[0], 1024))))
+    weight_set = sum(p.numel() for p in net.loc.values())
+    s_chunk = max(1, min(num_samples, max_elements // weight_set, max_elements // (hidden * min(len(x), 1024))))
     b_chunk = max(1, max_elements // (hidden * s_chunk))
     with torch.no_grad():
         for s in range(0, num_samples, s_chunk):
@@ -621,11 +623,60 @@ def plot_examples(x, probs, score, threshold, labels=None, path=None, ncols=6):
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# Input checks: a clear ValueError for bad input, never garbage.
+# Errors: the expected failures. Each has a one-line message for the user; the command
+# line prints it without a traceback. Anything else is a bug and keeps its traceback.
 
 
-class NotTrained(ValueError):
+class Error(Exception):
+    """An expected failure of bnn_mnist (bad data, files or settings, a diverging run)."""
+
+
+class DataError(Error):
+    """A data file is missing, truncated or malformed (the message names it)."""
+
+
+class DownloadFailed(DataError):
+    """A data set is not on disk and could not be downloaded (`reason` says why)."""
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
+
+
+class MissingFile(Error, FileNotFoundError):
+    """A file the user named (or a checkpoint to resume) does not exist."""
+
+
+class BadFile(Error, ValueError):
+    """A saved guide or checkpoint is unreadable, of another format, or does not fit the BNN."""
+
+
+class SaveError(Error, OSError):
+    """An output could not be written (full disk, no permission); the previous file is kept."""
+
+
+class SettingsError(Error, ValueError):
+    """Settings that cannot work together (e.g. --resume with other settings)."""
+
+
+class NotTrained(Error, ValueError):
     """A net without a trained posterior was asked to predict."""
+
+
+class TrainingDiverged(Error, RuntimeError):
+    """The loss or a parameter became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT or SIGTERM after saving a checkpoint."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+# -----------------------------------------------------------------------------
+# Input checks: a clear ValueError for bad input, never garbage.
 
 
 def check_trained(net):
@@ -705,18 +756,6 @@ IDX_FILES = {  # split -> (images, labels), torchvision's names
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 
 
-class DataError(Exception):
-    """A data file is missing, truncated or malformed (the message names it)."""
-
-
-class DownloadFailed(DataError):
-    """A data set is not on disk and could not be downloaded (`reason` says why)."""
-
-    def __init__(self, message, reason):
-        super().__init__(message)
-        self.reason = reason
-
-
 def open_torchvision(dataset, data_dir, train):
     """torchvision.datasets.<dataset>(data_dir, train, download=True), checked; errors name the file."""
     import torchvision
@@ -792,11 +831,11 @@ def load_fashion(data_dir, fashion_dir=None):
             return images.reshape(len(images), 784).float().div_(255)
     where = " or ".join(map(str, folders))
     if fashion_dir:
-        raise FileNotFoundError(f"Fashion-MNIST test files not found in {where} (--fashion-dir)")
+        raise MissingFile(f"Fashion-MNIST test files not found in {where} (--fashion-dir)")
     try:
         return load_mnist(data_dir, train=False, dataset="FashionMNIST")[0]
     except DownloadFailed as e:
-        raise FileNotFoundError(f"Fashion-MNIST test files not found in {where} and the download failed "
+        raise MissingFile(f"Fashion-MNIST test files not found in {where} and the download failed "
                                 f"({e.reason}); apt-get install dataset-fashion-mnist, or --fashion-dir") from None
 
 
@@ -860,18 +899,6 @@ def load_image_folder(folder):
 # The training hook: state, resuming, checkpoints, signals, divergence, progress.
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or a parameter became NaN or infinite."""
-
-
-class Interrupted(Exception):
-    """Training stopped by SIGINT or SIGTERM after saving a checkpoint."""
-
-    def __init__(self, message, signum):
-        super().__init__(message)
-        self.signum = signum
-
-
 class TrainingRun:
     """What `train` needs beyond the article's loop; its methods are called by train/train_epoch.
 
@@ -894,8 +921,8 @@ class TrainingRun:
             load_net_state(self.net, r["net"], "the checkpoint")
             self.optim.set_state(r["optim"])
             torch.set_rng_state(r["rng"])
-            if r.get("cuda_rng") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(r["cuda_rng"])
+            if r.get("cuda_rng") is not None:  # same device type: checked by the settings on resume
+                torch.cuda.set_rng_state(r["cuda_rng"], self.net.loc["fc1_weight"].device)
             self.state.update({k: r[k] for k in self.state})
             device = self.net.loc["fc1_weight"].device
             self.state["perm"] = None if r["perm"] is None else r["perm"].to(device)
@@ -1038,7 +1065,7 @@ def atomic_save(obj, path, write=None):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            raise OSError(f"could not save {path}: {e.strerror or e} (the previous file is kept)") from None
+            raise SaveError(f"could not save {path}: {e.strerror or e} (the previous file is kept)") from None
         raise
     _fsync_dir(path.parent)
 
@@ -1071,10 +1098,10 @@ def net_settings(net, prior_scale):
 
 
 def save_checkpoint(path, settings, net, optim, state):
+    device = net.loc["fc1_weight"].device  # a CPU run never touches CUDA
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     atomic_save({"format": CHECKPOINT_FORMAT, "settings": settings, "net": net.state_dict(),
-                 "optim": optim.get_state(), "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-                 **state}, path)
+                 "optim": optim.get_state(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, **state}, path)
 
 
 def save_guide(path, net, prior_scale=DEFAULTS.prior_scale, measure=None, threshold=None):
@@ -1087,13 +1114,13 @@ def _load(path, expected_format, device):
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {path}") from None
+        raise MissingFile(f"no such file: {path}") from None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable bnn_mnist file ({type(e).__name__}: {first})") from None
+        raise BadFile(f"{path} is not a readable bnn_mnist file ({type(e).__name__}: {first})") from None
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path} has format {found!r}, expected {expected_format!r}")
+        raise BadFile(f"{path} has format {found!r}, expected {expected_format!r}")
     return obj
 
 
@@ -1101,7 +1128,7 @@ def load_checkpoint(path, device="cpu"):
     obj = _load(path, CHECKPOINT_FORMAT, device)
     obj["rng"] = obj["rng"].cpu()  # RNG states are CPU byte tensors, whatever map_location did
     if obj.get("cuda_rng") is not None:
-        obj["cuda_rng"] = [state.cpu() for state in obj["cuda_rng"]]
+        obj["cuda_rng"] = obj["cuda_rng"].cpu()
     return obj
 
 
@@ -1121,13 +1148,13 @@ def load_net_state(net, state_dict, source):
     for name, p in own.items():
         saved = state_dict.get(name)
         if saved is None:
-            raise ValueError(f"{source} has no parameter {name}")
+            raise BadFile(f"{source} has no parameter {name}")
         if saved.shape != p.shape:
-            raise ValueError(f"{source} holds {name} of shape {tuple(saved.shape)}, but this BNN needs "
+            raise BadFile(f"{source} holds {name} of shape {tuple(saved.shape)}, but this BNN needs "
                              f"{tuple(p.shape)} (a different --hidden-size?)")
     extra = set(state_dict) - set(own)
     if extra:
-        raise ValueError(f"{source} holds parameters this BNN does not have: {', '.join(sorted(extra))}")
+        raise BadFile(f"{source} holds parameters this BNN does not have: {', '.join(sorted(extra))}")
     net.load_state_dict(state_dict)
 
 
@@ -1214,6 +1241,14 @@ def build_parser():
     return p
 
 
+TRAIN_ARGS = ("epochs", "batch_size", "lr", "lr_decay", "scale_lr_factor", "prior_scale", "elbo", "max_batches")
+
+
+def training_kwargs(cfg):
+    """The Config's settings that `train` takes, as keyword arguments."""
+    return {k: getattr(cfg, k) for k in TRAIN_ARGS}
+
+
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1260,7 +1295,7 @@ def prepare_out_dir(out_dir):
             for leftover in out.glob(f"{name}.*.tmp"):  # atomic_save's temporary files
                 leftover.unlink()
     except OSError as e:
-        raise OSError(f"cannot write to --out-dir {out}: {e.strerror or e}") from None
+        raise SaveError(f"cannot write to --out-dir {out}: {e.strerror or e}") from None
     return out
 
 
@@ -1273,7 +1308,7 @@ def split_data(cfg, device):
     x, y = load_mnist(cfg.data_dir, train=True)
     x_test, y_test = load_mnist(cfg.data_dir, train=False)
     if cfg.val_size >= len(x):
-        raise ValueError(f"--val-size {cfg.val_size} leaves no training images (the set has {len(x)})")
+        raise SettingsError(f"--val-size {cfg.val_size} leaves no training images (the set has {len(x)})")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
     val, tr = perm[: cfg.val_size], perm[cfg.val_size :]
     tr = tr[: cfg.train_subset] if cfg.train_subset else tr
@@ -1288,16 +1323,16 @@ def resume_state_for(cfg, net, settings, ckpt_path, device):
                   f"(--resume continues it instead)")
         return None
     if not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        raise MissingFile(f"--resume: no checkpoint at {ckpt_path}")
     state = load_checkpoint(ckpt_path, device)
     load_net_state(BNN(*net.sizes).to(device), state["net"], ckpt_path)  # shapes fit?
     changed = {k: (state["settings"].get(k), v) for k, v in settings.items()
                if k != "epochs" and state["settings"].get(k) != v}
     if changed:
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-        raise ValueError(f"--resume: {ckpt_path} was made with other settings ({what})")
+        raise SettingsError(f"--resume: {ckpt_path} was made with other settings ({what})")
     if state["epoch"] > cfg.epochs:
-        raise ValueError(f"--resume: {ckpt_path} has already trained {state['epoch']} epochs; "
+        raise SettingsError(f"--resume: {ckpt_path} has already trained {state['epoch']} epochs; "
                          f"--epochs {cfg.epochs} cannot undo that")
     print(f"resuming from {ckpt_path}: epoch {state['epoch']}, step {state['step']}")
     return state
@@ -1314,6 +1349,7 @@ def run(cfg):
 
     net = BNN(784, cfg.hidden_size, CLASSES, cfg.init_scale).to(device)
     settings = net_settings(net, cfg.prior_scale) | {k: getattr(cfg, k) for k in TRAINING_SETTINGS}
+    settings["device"] = device.type  # the RNG streams differ: resume on the same kind of device
     ckpt_path = out / "checkpoint.pt"
     resume_state = resume_state_for(cfg, net, settings, ckpt_path, device)
     if device.type == "cpu":
@@ -1321,9 +1357,7 @@ def run(cfg):
     else:
         torch.cuda.reset_peak_memory_stats(device)
     with SignalFlag() as flag:
-        result = train(net, x_train, y_train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                       lr_decay=cfg.lr_decay, scale_lr_factor=cfg.scale_lr_factor, prior_scale=cfg.prior_scale,
-                       elbo=cfg.elbo, max_batches=cfg.max_batches, checkpoint_path=ckpt_path,
+        result = train(net, x_train, y_train, **training_kwargs(cfg), checkpoint_path=ckpt_path,
                        settings=settings, resume_state=resume_state, stop_requested=flag)
         if flag():  # the signal came during the last checkpoint write: stop now all the same
             raise Interrupted(f"interrupted after epoch {cfg.epochs}", flag())
@@ -1373,7 +1407,7 @@ def load_ood_sets(cfg, report):
             elif name == "noise":
                 g = torch.Generator().manual_seed(cfg.seed + 1)
                 ood["noise"] = torch.rand(cfg.noise_count, 784, generator=g)
-        except (FileNotFoundError, DataError) as e:
+        except (MissingFile, DataError) as e:
             report["ood_skipped"][name] = str(e)
             print(f"warning: skipping OOD set {name}: {e}", file=sys.stderr)
     return ood
@@ -1436,9 +1470,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-EXPECTED_ERRORS = (DataError, TrainingDiverged, NotTrained, FileNotFoundError)
-
-
 def main(argv=None):
     """Run from the command line (or `main([...])` in-process); returns the metrics dict.
 
@@ -1456,7 +1487,7 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C outside training (loading, evaluating, plotting)
         print(f"interrupted; what was already written to {cfg.out_dir} is kept", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
-    except (*EXPECTED_ERRORS, ValueError, OSError) as e:
+    except Error as e:  # only the expected failures: a bug keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -1,0 +1,169 @@
+"""Safe loading, portability, bounded memory, devices, file modes and error handling."""
+
+import json
+import os
+import pickle
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import bnn_mnist as bm
+from conftest import ROOT, cli_env, ready_net
+
+TINY = ["--hidden-size", "16", "--batch-size", "64", "--unc-samples", "10", "--ood", "noise",
+        "--noise-count", "50", "--no-plots", "--lr", "0.01", "--val-size", "100"]
+
+
+class Evil:
+    """Unpickling this makes a folder: what a booby-trapped guide could do (or worse)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_malicious_guide_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    for name, fmt in (("guide.pt", bm.GUIDE_FORMAT), ("checkpoint.pt", bm.CHECKPOINT_FORMAT)):
+        torch.save({"format": fmt, "payload": Evil(marker)}, tmp_path / name)
+        pickle.loads(pickle.dumps(Evil(tmp_path / f"control-{name}")))  # the trap is real: unpickling runs it
+        assert (tmp_path / f"control-{name}").exists()
+        loader = bm.load_guide if name == "guide.pt" else bm.load_checkpoint
+        with pytest.raises(bm.BadFile, match=f"{name} is not a readable bnn_mnist file"):
+            loader(tmp_path / name)
+        assert not marker.exists()
+
+
+def test_saved_files_load_with_weights_only_and_round_trip(tmp_path, data_dir, capsys):
+    bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY])
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # optimizer and RNG state included
+    assert ckpt["optim"] and ckpt["rng"].dtype == torch.uint8 and ckpt["cuda_rng"] is None
+    net = bm.load_guide(tmp_path / "guide.pt")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert net.threshold == metrics["threshold"] > 0 and net.measure == metrics["measure"]
+
+
+def test_outputs_get_the_mode_the_umask_gives(tmp_path, data_dir, capsys):
+    old = os.umask(0o022)
+    try:
+        bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "a"), "--epochs", "1",
+                 *[a for a in TINY if a != "--no-plots"]])
+        os.umask(0o077)
+        bm.write_json({"x": 1}, tmp_path / "private.json")
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "a").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    assert {f.name for f in (tmp_path / "a").iterdir()} >= {"guide.pt", "metrics.json", "examples.png"}
+    assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
+
+
+def test_imports_and_saves_without_resource_or_directory_fsync(tmp_path):
+    code = (  # Windows has no `resource` module and cannot open a folder
+        "import sys, os; sys.modules['resource'] = None\n"
+        "real_open = os.open\n"
+        "def no_dirs(path, flags, *a):\n"
+        "    if os.path.isdir(path): raise PermissionError(13, 'Permission denied', path)\n"
+        "    return real_open(path, flags, *a)\n"
+        "os.open = no_dirs\n"
+        "import bnn_mnist as bm\n"
+        f"bm.write_json({{'ok': 1}}, {str(tmp_path / 'm.json')!r})\n"
+        "print(bm.peak_rss_mib(), open(" + repr(str(tmp_path / "m.json")) + ").read().strip())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env=cli_env() | {"PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split(None, 1) == ["None", '{\n  "ok": 1\n}\n']
+
+
+def test_peak_memory_units_on_linux_and_macos(monkeypatch):
+    import resource
+
+    class Usage:
+        ru_maxrss = 3 * 2**20
+
+    monkeypatch.setattr(resource, "getrusage", lambda who: Usage)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert bm.peak_rss_mib() == 3 * 1024  # KiB on Linux
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert bm.peak_rss_mib() == 3  # bytes on macOS
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any operation creates (views of existing storage excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("num_samples, batch", [(500, 1), (100, 50), (3, 400)])
+def test_sample_probs_bounds_weights_and_activations(num_samples, batch):
+    net = ready_net(16, init_scale=0.1)
+    weight_set = 16 * 784 + 16 + 10 * 16 + 10
+    bound = 3 * weight_set
+    x = torch.rand(batch, 784)
+    with LargestAllocation() as mode:
+        probs = bm.sample_probs(x, net, num_samples, max_elements=bound)
+    result = num_samples * batch * 10  # the (S, B, 10) answer itself, and checks of the input x
+    assert probs.shape == (num_samples, batch, 10)
+    assert mode.largest <= max(bound, result, x.numel()), (mode.largest, bound)
+    with LargestAllocation() as unbounded:
+        bm.sample_probs(x, net, num_samples, max_elements=10**12)
+    assert unbounded.largest > bound or num_samples * weight_set <= bound  # the test can see a breach
+
+
+def test_library_functions_make_nothing_on_the_default_device():
+    """With the default device set to `meta`, any tensor made without device= lands there and
+    mixing it with the CPU inputs fails: this finds CPU/device mixing without a GPU."""
+    net = ready_net(16, init_scale=0.1)
+    x, y = torch.rand(40, 784), torch.randint(0, 10, (40,))
+    with torch.device("meta"):
+        probs = bm.sample_probs(x, net, 5)
+        u = bm.uncertainty(probs)["mutual_information"]
+        correct = probs.mean(0).argmax(1) == y
+        results = [probs, u, *bm.accuracy_coverage_curve(u, correct), *bm.calibration_bins(probs.mean(0), y),
+                   bm.predict_or_abstain(x, net, threshold=0.1), bm.predictive_prob(x[:3], net, 4)]
+        numbers = [bm.auroc(u[:20], u[20:]), bm.evaluate(probs.mean(0), y)["ece"],
+                   bm.abstention(u, correct, 0.1)["coverage"], bm.refusal_threshold(x, net, num_samples=4)]
+    assert all(t.device.type == "cpu" for t in results)
+    assert all(isinstance(v, float) for v in numbers)
+
+
+def test_resume_with_fewer_epochs_or_on_another_device_is_refused(tmp_path, data_dir, capsys):
+    argv = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), *TINY]
+    bm.main([*argv, "--epochs", "3"])
+    with pytest.raises(SystemExit):
+        bm.main([*argv, "--epochs", "2", "--resume"])
+    assert "has already trained 3 epochs; --epochs 2 cannot undo that" in capsys.readouterr().err
+    obj = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    obj["settings"]["device"] = "cuda"
+    torch.save(obj, tmp_path / "checkpoint.pt")
+    with pytest.raises(SystemExit):
+        bm.main([*argv, "--epochs", "4", "--resume"])
+    assert "was made with other settings (device cuda -> cpu)" in capsys.readouterr().err
+
+
+def test_a_bug_keeps_its_traceback_but_a_users_mistake_is_one_line(tmp_path, data_dir, monkeypatch, capsys):
+    def broken(*a, **k):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(bm, "evaluate", broken)
+    with pytest.raises(ValueError, match="an internal bug"):  # not swallowed into "error: ..."
+        bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY])
+    with pytest.raises(SystemExit) as e:
+        bm.main(["--data-dir", str(tmp_path / "nothing"), "--out-dir", str(tmp_path)])
+    assert e.value.code == 1 and capsys.readouterr().err.startswith("error: no MNIST file")
