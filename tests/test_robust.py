@@ -80,6 +80,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, data_dir, how):
     else:
         assert proc.returncode == 128 + getattr(signal, how)
         assert "interrupted at epoch" in stderr and "run again with --resume" in stderr
+        assert ckpt["step"] > 0  # written at the interruption, not only at the last epoch's end
     # Finish two more epochs than were complete, and compare with a straight run of as many.
     epochs = ckpt["epoch"] + 2
     argv = ["--data-dir", str(data_dir), "--epochs", str(epochs), "--batch-size", "8", *TINY[:2], *TINY[4:]]

@@ -1,0 +1,205 @@
+"""Tests written to catch deliberate one-line bugs (mutation testing, see README "Tests").
+
+Each names the bug it catches; tests/mutate.py applies those bugs and more.
+"""
+
+import math
+
+import pyro
+import pytest
+import torch
+
+import bnn_mnist as bm
+from conftest import ready_net
+
+
+class RecordingSVI:
+    """Stands in for SVI: records every step's arguments, returns a fixed loss."""
+
+    def __init__(self, loss=600.0):
+        self.calls, self.loss = [], loss
+
+    def step(self, *args):
+        self.calls.append(args)
+        return self.loss
+
+
+def fresh_state():
+    return {"epoch": 0, "step": 0, "perm": None, "loss_sum": 0.0, "losses": [], "train_seconds": 0.0}
+
+
+def test_train_epoch_sees_every_image_once_and_scales_to_the_data_set():
+    # bugs: svi.step without num_data (the article's KL counted per batch), the last partial
+    # batch dropped, batches overlapping, the loss divided by the batch size instead of N
+    x, y = torch.rand(600, 784), torch.arange(600)
+    svi = RecordingSVI(loss=1200.0)
+    loss = bm.train_epoch(svi, x, y, 128, fresh_state(), steps=math.ceil(600 / 128))
+    assert [len(c[0]) for c in svi.calls] == [128, 128, 128, 128, 88]
+    assert all(len(c) == 3 and c[2] == 600 for c in svi.calls)  # num_data: the whole training set
+    seen = torch.cat([c[1] for c in svi.calls])
+    assert torch.equal(seen.sort().values, torch.arange(600))
+    assert not torch.equal(seen, torch.arange(600))  # shuffled
+    assert loss == pytest.approx(1200.0 / 600)  # the -ELBO per training image
+
+
+def test_train_epoch_resumes_mid_epoch_with_the_same_shuffle():
+    x, y = torch.rand(100, 784), torch.arange(100)
+    state = fresh_state()
+    state["perm"], state["step"] = torch.arange(100).flip(0), 3
+    svi = RecordingSVI()
+    bm.train_epoch(svi, x, y, 10, state, steps=10)
+    assert len(svi.calls) == 7 and torch.equal(svi.calls[0][1], torch.arange(69, 59, -1))
+    assert state["step"] == 10
+
+
+def test_predict_is_the_argmax_of_the_many_sample_average():
+    # bug: predict (or predict_prob) drawing one sample instead of num_samples
+    net = ready_net(16, init_scale=2.0)  # a posterior whose samples disagree a lot
+    x = torch.rand(300, 784)
+    pyro.set_rng_seed(0)
+    labels = bm.predict(x, net, 200)
+    pyro.set_rng_seed(0)
+    assert torch.equal(labels, bm.predict_prob(x, net, 200).argmax(-1))
+    pyro.set_rng_seed(0)
+    assert (bm.predict(x, net, 1) != labels).float().mean() > 0.1
+    pyro.set_rng_seed(0)
+    assert (bm.predict_prob(x, net) - bm.predict_prob(x, net, 1)).abs().max() > 0.1  # default: 10
+
+
+def test_max_prob_is_high_when_unsure_and_zero_when_certain():
+    certain = torch.eye(10)[[2]][None].expand(5, 1, 10)  # 5 samples, all sure of class 2
+    u = bm.uncertainty(certain)
+    assert u["max_prob"].item() == pytest.approx(0, abs=1e-6)
+    assert u["predictive_entropy"].item() == pytest.approx(0, abs=1e-5)
+    uniform = torch.full((5, 1, 10), 0.1)
+    u = bm.uncertainty(uniform)
+    assert u["max_prob"].item() == pytest.approx(0.9)
+    assert u["expected_entropy"].item() == pytest.approx(math.log(10))
+
+
+def test_calibration_bins_edges():
+    # bug: an off-by-one in the bin index
+    conf = torch.tensor([0.12, 0.5, 0.99, 1.0, 0.2, 0.4])
+    probs = conf[:, None] * torch.eye(10)[0] + ((1 - conf) / 9)[:, None] * (1 - torch.eye(10)[0])
+    count, mean_conf, acc = bm.calibration_bins(probs, torch.zeros(6, dtype=torch.long), bins=15)
+    expected = torch.zeros(15)
+    for b in (1, 7, 14, 14, 3, 6):  # floor(conf * 15), the top bin closed at 1.0
+        expected[b] += 1
+    assert torch.equal(count, expected)
+    assert mean_conf[14].item() == pytest.approx(0.995) and acc[14].item() == 1.0
+
+
+def test_brier_score_sums_over_classes():
+    # bug: the Brier score averaged over classes (10x too small)
+    uniform = torch.full((4, 10), 0.1)
+    assert bm.evaluate(uniform, torch.zeros(4, dtype=torch.long))["brier"] == pytest.approx(0.9)
+    assert bm.evaluate(torch.eye(10)[[3, 4]], torch.tensor([3, 4]))["brier"] == 0
+
+
+def test_a_non_finite_posterior_is_never_saved(tmp_path):
+    # bug: the finite-parameter check before saving removed
+    net = ready_net(8)
+    svi, optim = bm.make_svi(net, lr=0.01)
+    path = tmp_path / "checkpoint.pt"
+    run = bm.TrainingRun(net, optim, steps=3, epochs=1, progress=False, log=print, checkpoint_path=path)
+    with pyro.get_param_store().scope():
+        run.start()
+        run.save("fine")
+        good = path.read_bytes()
+        net.rho["out_bias"].data[0] = float("inf")
+        with pytest.raises(bm.TrainingDiverged, match="non-finite"):
+            run.save("end of epoch 1")
+    assert path.read_bytes() == good
+
+
+def test_the_scale_lr_factor_applies_to_scales_only():
+    net = bm.BNN(784, 8, 10)
+    svi, optim = bm.make_svi(net, lr=0.01, scale_lr_factor=5.0)
+    x, y = torch.rand(4, 784), torch.arange(4)
+    with pyro.get_param_store().scope():
+        svi.step(x, y, 100)
+        lrs = {pyro.get_param_store().param_name(p): o.param_groups[0]["lr"] for p, o in optim.optim_objs.items()}
+    assert lrs["bnn$$$rho.fc1_weight"] == pytest.approx(0.05) and lrs["bnn$$$loc.fc1_weight"] == pytest.approx(0.01)
+    assert len(lrs) == 8
+
+
+TINY = ["--hidden-size", "16", "--batch-size", "64", "--unc-samples", "10", "--ood", "noise",
+        "--noise-count", "50", "--no-plots", "--lr", "0.01", "--val-size", "100"]
+
+
+def test_the_cli_uses_the_sample_counts_it_is_given(tmp_path, data_dir, monkeypatch, capsys):
+    # bugs: --num-samples or --unc-samples ignored
+    calls = []
+    real = bm.sample_probs
+
+    def spy(x, net, num_samples=bm.DEFAULTS.num_samples, **kw):
+        calls.append((len(x), num_samples))
+        return real(x, net, num_samples, **kw)
+
+    monkeypatch.setattr(bm, "sample_probs", spy)
+    m = bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY,
+                 "--num-samples", "7", "--unc-samples", "13"])
+    assert (200, 7) in calls and (200, 13) in calls and (100, 13) in calls  # test, test, held-out
+    assert m["num_samples"] == 7 and m["unc_samples"] == 13
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--lr", "0.02"), ("--lr-decay", "0.9"), ("--batch-size", "32"), ("--scale-lr-factor", "2"),
+    ("--init-scale", "0.01"), ("--elbo", "meanfield"), ("--seed", "3"), ("--max-batches", "2"),
+    ("--train-subset", "300"), ("--val-size", "50"), ("--prior-scale", "0.5"), ("--hidden-size", "24"),
+])
+def test_resume_refuses_every_training_setting_changed(tmp_path_factory, data_dir, capsys, flag, value):
+    # bug: the resume settings check narrowed to a few settings
+    out = tmp_path_factory.mktemp("resume")
+    argv = ["--data-dir", str(data_dir), "--out-dir", str(out), "--epochs", "1", *TINY]
+    bm.main(argv)
+    with pytest.raises(SystemExit) as e:
+        bm.main([*argv, "--epochs", "2", "--resume", flag, value])
+    err = capsys.readouterr().err
+    setting = flag[2:].replace("-", "_")
+    named = "different --hidden-size" if setting == "hidden_size" else f"other settings ({setting} "
+    assert e.value.code == 1 and named in err, err
+
+
+def test_model_priors_and_guide_scales_are_what_they_say():
+    # bugs: the prior scale ignored; the guide's scale not softplus(rho); the plate's size
+    net = bm.BNN(784, 8, 10, init_scale=0.3)
+    x, y = torch.rand(5, 784), torch.arange(5)
+    with pyro.get_param_store().scope():
+        model_trace = pyro.poutine.trace(bm.model).get_trace(x, y, 1000, net=net, prior_scale=0.25)
+        guide_trace = pyro.poutine.trace(bm.guide).get_trace(net=net)
+    for name in net.loc:
+        prior = model_trace.nodes[name]["fn"].base_dist  # Independent(Normal)
+        assert torch.all(prior.scale == 0.25) and torch.all(prior.loc == 0)
+        q = guide_trace.nodes[name]["fn"].base_dist
+        assert torch.allclose(q.scale, torch.nn.functional.softplus(net.rho[name])) and q.loc is net.loc[name]
+    assert model_trace.nodes["obs"]["scale"] == pytest.approx(1000 / 5)
+
+
+def test_abstention_accepts_a_score_equal_to_the_threshold():
+    # predict_or_abstain refuses only above the threshold; abstention must agree
+    score, correct = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([True, False, True])
+    assert bm.abstention(score, correct, 0.2)["coverage"] == pytest.approx(2 / 3)
+
+
+def test_held_out_images_are_never_trained_on_and_the_same_for_every_seed(data_dir):
+    cfg = bm.Config(data_dir=str(data_dir), val_size=100)
+    x, _, xv, _, _, _ = bm.split_data(cfg, torch.device("cpu"))
+    assert len(x) == 500 and len(xv) == 100
+    rows = {tuple(r.tolist()) for r in x}
+    assert not any(tuple(r.tolist()) in rows for r in xv)
+    _, _, xv2, _, _, _ = bm.split_data(bm.Config(data_dir=str(data_dir), val_size=100, seed=5), torch.device("cpu"))
+    assert torch.equal(xv, xv2)
+    x3, _, _, _, _, _ = bm.split_data(bm.Config(data_dir=str(data_dir), val_size=100, train_subset=50),
+                                      torch.device("cpu"))
+    assert torch.equal(x3, x[:50])
+
+
+def test_a_given_threshold_is_used_and_stored(tmp_path, data_dir, capsys):
+    m = bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY,
+                 "--threshold", "0.5"])
+    assert m["threshold"] == 0.5 and bm.load_guide(tmp_path / "guide.pt").threshold == 0.5
+    assert m["abstention"]["MNIST"]["refused"] == 0.0  # nothing on these digits is that unsure
+    m = bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY,
+                 "--refuse-quantile", "0.5"])
+    assert 0.25 <= m["abstention"]["MNIST"]["refused"] <= 0.8  # about half: the held-out median
