@@ -230,5 +230,5 @@ def test_predictive_gives_the_same_posterior_predictive(small_data):
     ours = bm.predict_prob(xt[:20], net, 3000)
     pyro.set_rng_seed(1)
     theirs = bm.predictive_prob(xt[:20], net, 3000)
-    assert (ours - theirs).abs().mean() < 0.004  # two Monte Carlo estimates of one predictive
-    assert (ours - bm.predict_prob(xt[:20], net, 1)).abs().mean() > 0.01  # which one sample is not
+    assert (ours - theirs).abs().mean() < 0.012  # two Monte Carlo estimates of one predictive (noise ~0.004)
+    assert (ours - bm.predict_prob(xt[:20], net, 1)).abs().mean() > 0.05  # which one sample is not (~0.1)

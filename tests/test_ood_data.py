@@ -4,9 +4,11 @@ No network here or in CI: a local folder or archive stands in for each download.
 """
 
 import functools
+import gc
 import http.server
 import io
 import threading
+import warnings
 import zipfile
 
 import numpy as np
@@ -30,6 +32,9 @@ def local_server(tmp_path, monkeypatch):
     yield f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
     server.server_close()
+    with warnings.catch_warnings():  # torchvision leaves a failed download's socket to the GC
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

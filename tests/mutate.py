@@ -1,0 +1,180 @@
+"""Mutation testing: apply deliberate one-line bugs to bnn_mnist.py, one at a time, and run the
+whole test suite against each; a mutant the suite does not fail "survives".
+
+    python tests/mutate.py                 # every mutant (about an hour on 2 cores)
+    python tests/mutate.py --only 3 17     # some of them
+    python tests/mutate.py --list          # what they are
+
+Each run copies the project into a temporary folder, so the working tree is never touched.
+Tests run fastest-first and stop at the first failure (-x), so a killed mutant costs
+seconds and a survivor costs the whole suite. This is a tool to run by hand, not part of CI.
+"""
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# fastest first; the real-data integration test is left out (it needs MNIST)
+ORDER = ["test_mutants.py", "test_uncertainty.py", "test_inputs.py", "test_data.py", "test_model.py",
+         "test_trust.py", "test_ood_data.py", "test_robust.py", "test_cli.py", "test_notebook.py",
+         "test_tutorial.py", "test_bench.py"]
+
+# (area, what the bug is, exact text in bnn_mnist.py, its replacement)
+MUTANTS = [
+    ("training", "svi.step without the training-set size (the article's KL bug)",
+     "loss = svi.step(x_train[idx], y_train[idx], num_data)", "loss = svi.step(x_train[idx], y_train[idx])"),
+    ("training", "loss per example divided by the batch size",
+     'state["loss_sum"] += loss / num_data', 'state["loss_sum"] += loss / len(idx)'),
+    ("training", "the last partial batch dropped",
+     "steps = math.ceil(len(x_train) / batch_size)", "steps = len(x_train) // batch_size"),
+    ("training", "batches one image short",
+     'idx = state["perm"][step * batch_size : (step + 1) * batch_size]',
+     'idx = state["perm"][step * batch_size : (step + 1) * batch_size - 1]'),
+    ("training", "no shuffling",
+     'state["perm"] = torch.randperm(num_data, device=x_train.device)',
+     'state["perm"] = torch.arange(num_data, device=x_train.device)'),
+    ("training", "the epoch loss averaged over the data set instead of the steps",
+     'return state["loss_sum"] / steps', 'return state["loss_sum"] / num_data'),
+    ("training", "--max-batches ignored",
+     "steps = min(steps, max_batches) if max_batches else steps", "steps = steps"),
+    ("training", "the per-epoch decay applied per step",
+     "svi, optim = make_svi(net, lr, lr_decay ** (1 / steps), prior_scale, elbo, scale_lr_factor)",
+     "svi, optim = make_svi(net, lr, lr_decay, prior_scale, elbo, scale_lr_factor)"),
+    ("training", "the next epoch keeps the old shuffle",
+     's.update(epoch=s["epoch"] + 1, step=0, perm=None, loss_sum=0.0)',
+     's.update(epoch=s["epoch"] + 1, step=0, loss_sum=0.0)'),
+    ("training", "the net never marked trained", "self.net.trained.fill_(True)", "pass"),
+    ("training", "a NaN loss not stopped", "if not math.isfinite(loss):", "if False:"),
+    ("elbo", "the prior scale ignored",
+     "dist.Normal(zero, zero + prior_scale)", "dist.Normal(zero, zero + 1.0)"),
+    ("elbo", "the plate sized to the batch",
+     "pyro.plate(\"data\", size=num_data or len(x_data)", "pyro.plate(\"data\", size=len(x_data)"),
+    ("elbo", "the guide's scale exp(rho) instead of softplus(rho)",
+     "dist.Normal(self.loc[name], F.softplus(self.rho[name]))", "dist.Normal(self.loc[name], self.rho[name].exp())"),
+    ("elbo", "the ELBO names swapped",
+     '{"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}', '{"trace": TraceMeanField_ELBO, "meanfield": Trace_ELBO}'),
+    ("elbo", "the scale learning-rate factor applied to the means",
+     'lr * (scale_lr_factor if param_name.endswith(tuple(f"rho.{k}" for k in net.rho)) else 1.0)',
+     'lr * (scale_lr_factor if param_name.endswith(tuple(f"loc.{k}" for k in net.rho)) else 1.0)'),
+    ("elbo", "no learning-rate decay", '"lrd": lr_decay,', '"lrd": 1.0,'),
+    ("elbo", "no ReLU", "h = torch.relu(x @ weights", "h = (x @ weights"),
+    ("elbo", "guide scales start at softplus(init) mis-inverted",
+     "rho0 = inverse_softplus(init_scale)", "rho0 = math.log(init_scale)"),
+    ("prediction", "predict uses one sample",
+     "return predict_prob(x, net, num_samples).argmax(-1)", "return predict_prob(x, net, 1).argmax(-1)"),
+    ("prediction", "predict_prob uses one sample",
+     "return sample_probs(x, net, num_samples).mean(0)", "return sample_probs(x, net, 1).mean(0)"),
+    ("prediction", "softmax over the samples, not the classes",
+     "out[s : s + s_chunk, b : b + b_chunk] = torch.softmax(logits, -1)",
+     "out[s : s + s_chunk, b : b + b_chunk] = torch.softmax(logits, 0)"),
+    ("prediction", "the weight bound ignored",
+     "min(num_samples, max_elements // weight_set, max_elements", "min(num_samples, max_elements"),
+    ("prediction", "uint8 images not scaled", "return x.reshape(x.shape[0], 784).float() / 255",
+     "return x.reshape(x.shape[0], 784).float()"),
+    ("prediction", "out-of-range pixels accepted", "if x.min() < 0 or x.max() > 1:", "if x.min() < 0:"),
+    ("uncertainty", "mutual information with the sign flipped", '"mutual_information": (pe - ee).clamp_min(0)',
+     '"mutual_information": (ee - pe).clamp_min(0)'),
+    ("uncertainty", "max_prob inverted", '"max_prob": 1 - mean.max(-1).values', '"max_prob": mean.max(-1).values'),
+    ("uncertainty", "expected entropy of the mean", "ee = entropy(probs).mean(0)", "ee = entropy(probs.mean(0))"),
+    ("uncertainty", "entropy averaged over classes", "return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)",
+     "return -(p * torch.log(p.clamp_min(1e-12))).mean(dim)"),
+    ("uncertainty", "refusing below the threshold", "return torch.where(uncertainty(probs)[measure] > threshold, -1, pred)",
+     "return torch.where(uncertainty(probs)[measure] < threshold, -1, pred)"),
+    ("uncertainty", "the threshold at the wrong quantile", "return float(torch.quantile(score.double(), quantile))",
+     "return float(torch.quantile(score.double(), 1 - quantile))"),
+    ("metrics", "ties at the threshold refused", "accepted = score <= threshold", "accepted = score < threshold"),
+    ("metrics", "AUROC off by one", "return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))",
+     "return float((ranks[n_in:].sum() - n_out * (n_out - 1) / 2) / (n_in * n_out))"),
+    ("metrics", "AUROC ties not averaged", "ranks = (ranks / torch.bincount(inverse, minlength=len(uniq)).double())[inverse]",
+     "ranks = ranks[inverse]"),
+    ("metrics", "ECE bins off by one", "which = (conf * bins).long().clamp(max=bins - 1)",
+     "which = ((conf * bins).long() + 1).clamp(max=bins - 1)"),
+    ("metrics", "ECE without the absolute value", "return float((count / count.sum() * (acc - conf).abs()).sum())",
+     "return float((count / count.sum() * (acc - conf)).sum())"),
+    ("metrics", "Brier averaged over classes", '"brier": ((probs - onehot) ** 2).sum(1).mean().item()',
+     '"brier": ((probs - onehot) ** 2).mean(1).mean().item()'),
+    ("metrics", "NLL of the predicted class", "p_true = probs.gather(1, y[:, None]).squeeze(1)",
+     "p_true = probs.max(1).values"),
+    ("metrics", "coverage curve accuracy over all images", "return k / len(score), hits / k",
+     "return k / len(score), hits / len(score)"),
+    ("checkpoint", "no checkpoint on SIGINT", 'self.save("interrupted")', "pass"),
+    ("checkpoint", "the finite check before saving removed",
+     'check_finite(self.net, f"{why}; last good checkpoint kept")', "pass"),
+    ("checkpoint", "the resume settings check narrowed to two settings",
+     'if k != "epochs" and state["settings"].get(k) != v}', 'if k in ("lr", "hidden_size") and state["settings"].get(k) != v}'),
+    ("checkpoint", "the RNG state not restored", 'torch.set_rng_state(r["rng"])', "pass"),
+    ("checkpoint", "the optimiser state not restored", 'self.optim.set_state(r["optim"])', "pass"),
+    ("checkpoint", "the position in the epoch not restored", "self.state.update({k: r[k] for k in self.state})",
+     'self.state.update({k: r[k] for k in self.state if k != "step"})'),
+    ("checkpoint", "guides loaded with unpickling", "obj = torch.load(path, map_location=device, weights_only=True)",
+     "obj = torch.load(path, map_location=device, weights_only=False)"),
+    ("checkpoint", "outputs left private", "os.chmod(tmp, 0o666 & ~_umask())", "pass"),
+    ("checkpoint", "fewer epochs than trained accepted on resume", 'if state["epoch"] > cfg.epochs:', "if False:"),
+    ("checkpoint", "a partial file left when a save fails", "os.unlink(tmp)", "pass"),
+    ("cli", "every exception swallowed", "except Error as e:  # only the expected failures", "except Exception as e:  #"),
+    ("cli", "interrupted runs exit 1", "raise SystemExit(128 + e.signum) from None", "raise SystemExit(1) from None"),
+    ("cli", "the threshold range unchecked", "if not lo <= args.threshold <= hi:", "if False:"),
+    ("cli", "held-out images trained on", "val, tr = perm[: cfg.val_size], perm[cfg.val_size :]",
+     "val, tr = perm[: cfg.val_size], perm"),
+    ("cli", "the held-out set depends on the seed", "torch.Generator().manual_seed(1234)",
+     "torch.Generator().manual_seed(cfg.seed)"),
+    ("cli", "a given --threshold ignored", "    if threshold is None:\n        threshold = refusal_threshold(",
+     "    if True:\n        threshold = refusal_threshold("),
+    ("cli", "OOD refusals counted at or above the threshold",
+     'report["abstention"][name] = {"refused": float((s[cfg.measure] > threshold).float().mean())}',
+     'report["abstention"][name] = {"refused": float((s[cfg.measure] >= 0).float().mean())}'),
+    ("cli", "a missing OOD set fatal", "except (MissingFile, DataError) as e:", "except KeyboardInterrupt as e:"),
+    ("cli", "--num-samples ignored", "probs = predict_prob(x_test, net, cfg.num_samples)", "probs = predict_prob(x_test, net)"),
+    ("cli", "a damaged data file not named", "read_idx(raw / name)  # raises DataError naming the damaged file", "pass"),
+]
+
+
+def run_one(i, timeout):
+    area, what, old, new = MUTANTS[i]
+    source = (ROOT / "bnn_mnist.py").read_text()
+    if source.count(old) != 1:
+        return "stale", 0.0  # the code changed: fix the mutant's text
+    with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
+        for name in ("tests", "benchmarks", "docs", "pytest.ini"):
+            src = ROOT / name
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, Path(tmp) / name)
+        (Path(tmp) / "bnn_mnist.py").write_text(source.replace(old, new))
+        t0 = time.time()
+        try:
+            r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                *[f"tests/{f}" for f in ORDER]], cwd=tmp, capture_output=True, text=True,
+                               timeout=timeout)
+            status = "survived" if r.returncode == 0 else "killed"
+        except subprocess.TimeoutExpired:
+            status = "killed (timeout)"
+        return status, time.time() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", type=int, nargs="*", help="mutant numbers (default: all)")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per mutant before it counts as killed")
+    args = p.parse_args(argv)
+    if args.list:
+        for i, (area, what, _, _) in enumerate(MUTANTS):
+            print(f"{i:3} {area:12} {what}")
+        return
+    results = {}
+    for i in args.only if args.only is not None else range(len(MUTANTS)):
+        status, seconds = run_one(i, args.timeout)
+        results[i] = status
+        print(f"{i:3} {MUTANTS[i][0]:12} {status:17} {seconds:6.0f} s  {MUTANTS[i][1]}", flush=True)
+    killed = sum(s.startswith("killed") for s in results.values())
+    print(f"killed {killed} of {len(results)} mutants ({killed / max(len(results), 1):.0%}); "
+          f"survived: {[i for i, s in results.items() if s == 'survived']}; "
+          f"stale: {[i for i, s in results.items() if s == 'stale']}")
+
+
+if __name__ == "__main__":
+    main()
