@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import ClippedAdam
 
@@ -75,6 +76,7 @@ class Config:
     scale_lr_factor: float = 1.0  # the guide's scales (rho) learn this many times faster than the means
     hidden_size: int = 1024
     prior_scale: float = 1.0  # the article's Normal(0, 1) prior on every weight
+    kl_weight: float = 1.0  # the KL term's weight in the ELBO; 1 is the article's ELBO, < 1 tempers it
     init_scale: float = 1e-3  # guide scales start small: the net starts near its init
     elbo: str = "trace"  # "trace": Trace_ELBO, as in the article; "meanfield": analytic KL
     num_samples: int = 10  # posterior samples for the forced prediction (the article)
@@ -172,18 +174,21 @@ def bnn_forward(weights, x):
 # 3. The model: p(w) p(y | x, w), Normal(0, prior_scale) on every weight and bias.
 
 
-def model(x_data, y_data=None, num_data=None, *, net, prior_scale=DEFAULTS.prior_scale):
+def model(x_data, y_data=None, num_data=None, *, net, prior_scale=DEFAULTS.prior_scale, kl_weight=1.0):
     """x_data: (B, 784); y_data: (B,) or None; num_data: training-set size. Returns logits (B, 10).
 
     The data plate scales the minibatch log-likelihood by num_data / B, so the ELBO of one
     minibatch estimates the full-data ELBO: the KL is counted once per data set, not once
-    per batch as in the article (469x too heavy there).
+    per batch as in the article (469x too heavy there). kl_weight scales the prior's (and
+    the guide's) log-densities, so the ELBO's KL term is multiplied by it.
     """
     weights = {}
-    for name, loc in net.loc.items():
-        zero = loc.new_zeros(())
-        # .to_event: a weight matrix is one draw of a (H, D)-shaped random variable
-        weights[name] = pyro.sample(name, dist.Normal(zero, zero + prior_scale).expand(loc.shape).to_event(loc.dim()))
+    with poutine.scale(scale=kl_weight):
+        for name, loc in net.loc.items():
+            zero = loc.new_zeros(())
+            # .to_event: a weight matrix is one draw of a (H, D)-shaped random variable
+            prior = dist.Normal(zero, zero + prior_scale).expand(loc.shape).to_event(loc.dim())
+            weights[name] = pyro.sample(name, prior)
     logits = bnn_forward(weights, x_data)  # (B, 10)
     with pyro.plate("data", size=num_data or len(x_data), subsample=torch.arange(len(x_data), device=x_data.device)):
         pyro.sample("obs", dist.Categorical(logits=logits), obs=y_data)
@@ -194,10 +199,11 @@ def model(x_data, y_data=None, num_data=None, *, net, prior_scale=DEFAULTS.prior
 # 4. The guide: mean-field Normal, q(w) = prod N(loc, softplus(rho)), as in the article.
 
 
-def guide(x_data=None, y_data=None, num_data=None, *, net):
+def guide(x_data=None, y_data=None, num_data=None, *, net, kl_weight=1.0):
     """Samples every weight from q; returns {name: weight}. Same signature as the model."""
     register(net)  # pyro.module: net.loc and net.rho become the Pyro params SVI optimises
-    return {name: pyro.sample(name, net.q(name)) for name in net.loc}
+    with poutine.scale(scale=kl_weight):  # as in the model: log q - log p weighted alike
+        return {name: pyro.sample(name, net.q(name)) for name in net.loc}
 
 
 # -----------------------------------------------------------------------------
@@ -205,7 +211,7 @@ def guide(x_data=None, y_data=None, num_data=None, *, net):
 
 
 def make_svi(net, lr, lr_decay=1.0, prior_scale=DEFAULTS.prior_scale, elbo=DEFAULTS.elbo,
-             scale_lr_factor=DEFAULTS.scale_lr_factor):
+             scale_lr_factor=DEFAULTS.scale_lr_factor, kl_weight=DEFAULTS.kl_weight):
     """SVI with Adam; lr_decay multiplies the learning rate after every step.
 
     ClippedAdam is Adam with that per-step decay kept in its own state, so a resumed run
@@ -219,7 +225,8 @@ def make_svi(net, lr, lr_decay=1.0, prior_scale=DEFAULTS.prior_scale, elbo=DEFAU
     # Trace_ELBO estimates the KL by sampling, as the article did; TraceMeanField_ELBO
     # computes it exactly (same objective, less noise).
     loss = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}[elbo]()
-    svi = SVI(partial(model, net=net, prior_scale=prior_scale), partial(guide, net=net), optim, loss)
+    svi = SVI(partial(model, net=net, prior_scale=prior_scale, kl_weight=kl_weight),
+              partial(guide, net=net, kl_weight=kl_weight), optim, loss)
     return svi, optim
 
 
@@ -246,7 +253,8 @@ def train_epoch(svi, x_train, y_train, batch_size, state, steps, after_step=None
 
 def train(net, x_train, y_train, *, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.batch_size, lr=DEFAULTS.lr,
           lr_decay=DEFAULTS.lr_decay, scale_lr_factor=DEFAULTS.scale_lr_factor, prior_scale=DEFAULTS.prior_scale,
-          elbo=DEFAULTS.elbo, max_batches=None, validate=False, progress=True, log=print, **plumbing):
+          kl_weight=DEFAULTS.kl_weight, elbo=DEFAULTS.elbo, max_batches=None, validate=False, progress=True,
+          log=print, **plumbing):
     """Fit net's posterior by SVI; returns {"losses": per-epoch -ELBO per example, "train_seconds"}.
 
     Pyro's param store is used only inside this call (a scope of its own), so nothing
@@ -257,7 +265,7 @@ def train(net, x_train, y_train, *, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.
     steps = min(steps, max_batches) if max_batches else steps
     # lr_decay per epoch, applied smoothly at every step; it does not depend on `epochs`,
     # so 3 epochs and then 2 more with --resume are exactly 5 epochs.
-    svi, optim = make_svi(net, lr, lr_decay ** (1 / steps), prior_scale, elbo, scale_lr_factor)
+    svi, optim = make_svi(net, lr, lr_decay ** (1 / steps), prior_scale, elbo, scale_lr_factor, kl_weight)
     run = TrainingRun(net, optim, steps, epochs, progress, log, **plumbing)
     with pyro.get_param_store().scope(), pyro.validation_enabled(validate), run.reporting_nan():
         state = run.start()
@@ -1208,6 +1216,8 @@ def build_parser():
                    help="the guide's scales (rho) use this multiple of the learning rate")
     g.add_argument("--hidden-size", type=pos_int, default=d.hidden_size, help="hidden units")
     g.add_argument("--prior-scale", type=pos_float, default=d.prior_scale, help="std of the Normal(0, s) prior")
+    g.add_argument("--kl-weight", type=pos_float, default=d.kl_weight,
+                   help="weight of the KL term in the ELBO (1: the article's; below 1: a tempered posterior)")
     g.add_argument("--init-scale", type=pos_float, default=d.init_scale, help="initial std of the guide")
     g.add_argument("--elbo", choices=("trace", "meanfield"), default=d.elbo,
                    help="trace: Trace_ELBO (sampled KL, the article); meanfield: TraceMeanField_ELBO (analytic KL)")
@@ -1241,7 +1251,8 @@ def build_parser():
     return p
 
 
-TRAIN_ARGS = ("epochs", "batch_size", "lr", "lr_decay", "scale_lr_factor", "prior_scale", "elbo", "max_batches")
+TRAIN_ARGS = ("epochs", "batch_size", "lr", "lr_decay", "scale_lr_factor", "prior_scale", "kl_weight", "elbo",
+              "max_batches")
 
 
 def training_kwargs(cfg):
@@ -1279,8 +1290,8 @@ def parse_args(argv=None):
 
 OUTPUTS = ("metrics.json", "guide.pt", "checkpoint.pt", "prediction.png", "reliability.png",
            "coverage.png", "uncertainty_hist.png", "examples.png")
-TRAINING_SETTINGS = ("epochs", "batch_size", "lr", "lr_decay", "scale_lr_factor", "init_scale", "elbo", "seed",
-                     "max_batches", "train_subset", "val_size")
+TRAINING_SETTINGS = ("epochs", "batch_size", "lr", "lr_decay", "scale_lr_factor", "kl_weight", "init_scale", "elbo",
+                     "seed", "max_batches", "train_subset", "val_size")
 
 
 def prepare_out_dir(out_dir):

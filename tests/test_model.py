@@ -64,6 +64,16 @@ def test_elbo_is_the_full_data_elbo_and_both_estimators_agree(small_data):
     assert exact == pytest.approx(nll + kl, rel=0.02)
     assert trace == pytest.approx(exact, rel=0.02)
     assert kl > 1000  # so a KL counted per batch (x 9.4) or dropped would fail the first assert
+    # a tempered ELBO: the KL term weighted by kl_weight, in the model and the guide alike
+    m = lambda *a: bm.model(*a, net=net, kl_weight=0.1)  # noqa: E731
+    g = lambda *a: bm.guide(*a, net=net, kl_weight=0.1)  # noqa: E731
+    with pyro.get_param_store().scope():
+        tempered = sum(Trace_ELBO().loss(m, g, x[:64], y[:64], 600) for _ in range(400)) / 400
+    assert tempered == pytest.approx(nll + 0.1 * kl, rel=0.02)
+    svi, _ = bm.make_svi(net, lr=0.01, kl_weight=0.1)  # what training optimises
+    with pyro.get_param_store().scope():
+        trained_loss = sum(svi.evaluate_loss(x[:64], y[:64], 600) for _ in range(400)) / 400
+    assert trained_loss == pytest.approx(nll + 0.1 * kl, rel=0.02)
 
 
 def test_elbo_falls_and_same_seed_same_losses(small_data):

@@ -147,6 +147,7 @@ def test_the_cli_uses_the_sample_counts_it_is_given(tmp_path, data_dir, monkeypa
     ("--lr", "0.02"), ("--lr-decay", "0.9"), ("--batch-size", "32"), ("--scale-lr-factor", "2"),
     ("--init-scale", "0.01"), ("--elbo", "meanfield"), ("--seed", "3"), ("--max-batches", "2"),
     ("--train-subset", "300"), ("--val-size", "50"), ("--prior-scale", "0.5"), ("--hidden-size", "24"),
+    ("--kl-weight", "0.5"),
 ])
 def test_resume_refuses_every_training_setting_changed(tmp_path_factory, data_dir, capsys, flag, value):
     # bug: the resume settings check narrowed to a few settings
