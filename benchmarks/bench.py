@@ -35,13 +35,14 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def floor_train(net, x, y, steps, batch_size, lr, lr_decay, prior_scale, elbo):
-    """Bayes-by-backprop by hand: the same ELBO estimator as bnn_mnist's (sampled or exact KL)."""
+def floor_train(net, x, y, steps, batch_size, lr, lr_decay, prior_scale, elbo, scale_lr_factor, kl_weight):
+    """Bayes-by-backprop by hand: the same ELBO estimator as bnn_mnist's (sampled or exact KL,
+    weighted by kl_weight) and the same Adam (scales at scale_lr_factor times the rate)."""
     n = len(x)
     locs = [p.detach().clone().requires_grad_() for p in net.loc.values()]
     rhos = [p.detach().clone().requires_grad_() for p in net.rho.values()]
     names = list(net.loc)
-    opt = torch.optim.Adam(locs + rhos, lr=lr)
+    opt = torch.optim.Adam([{"params": locs}, {"params": rhos, "lr": lr * scale_lr_factor}], lr=lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, lr_decay)
     log_prior = math.log(prior_scale)
     perm = torch.randperm(n, device=x.device)
@@ -58,7 +59,7 @@ def floor_train(net, x, y, steps, batch_size, lr, lr_decay, prior_scale, elbo):
         else:  # KL(N(m, s) || N(0, p)) = log p - log s + (s^2 + m^2) / (2 p^2) - 1/2
             kl = sum((log_prior - s.log() + (s * s + m * m) / (2 * prior_scale**2) - 0.5).sum()
                      for m, s in zip(locs, scales))
-        loss = nll + kl
+        loss = nll + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -117,11 +118,11 @@ def main(argv=None):
     decay = d.lr_decay ** (1 / n_batches)  # the same per-step decay as bnn_mnist.train
 
     # --- training: warm up both, then alternate timed rounds so both see the same machine
-    kw = dict(epochs=1, batch_size=args.batch_size, lr=d.lr, lr_decay=d.lr_decay, prior_scale=d.prior_scale,
-              elbo=args.elbo, progress=False, log=lambda *a: None)
-    pyro_side = lambda n: bm.train(net, x, y, max_batches=n, **kw)  # noqa: E731
+    kw = dict(bm.training_kwargs(d), epochs=1, batch_size=args.batch_size, elbo=args.elbo, progress=False,
+              log=lambda *a: None)
+    pyro_side = lambda n: bm.train(net, x, y, **(kw | {"max_batches": n}))  # noqa: E731
     floor_side = lambda n: floor_train(net, x, y, n, args.batch_size, d.lr, decay,  # noqa: E731
-                                       d.prior_scale, args.elbo)
+                                       d.prior_scale, args.elbo, d.scale_lr_factor, d.kl_weight)
     pyro_side(args.warmup)
     floor_side(args.warmup)
     t_pyro, t_floor = math.inf, math.inf
