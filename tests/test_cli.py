@@ -53,6 +53,9 @@ def test_end_to_end_writes_everything(tmp_path, data_dir):
     assert set(m["abstention"]) == {"MNIST", "Fashion-MNIST", "notMNIST", "noise"}
     assert 0 <= m["abstention"]["MNIST"]["refused"] <= 1 and m["measure"] == bm.DEFAULTS.measure
     assert m["peak_rss_mib"] > 0 and m["ood_skipped"] == {}
+    op = m["at_article_operating_point"]
+    assert set(op) == {"MNIST", "Fashion-MNIST", "notMNIST", "noise"} and all(0 <= v <= 1 for v in op.values())
+    assert "refusing 12.5% of MNIST test as the article did: Fashion-MNIST refused" in r.stdout
 
 
 def test_import_is_silent_and_light(tmp_path):
