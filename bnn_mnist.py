@@ -73,18 +73,19 @@ class Config:
     batch_size: int = 128
     lr: float = 3e-3  # Adam's initial learning rate
     lr_decay: float = 0.5  # the learning rate is multiplied by this over each epoch
-    scale_lr_factor: float = 1.0  # the guide's scales (rho) learn this many times faster than the means
+    scale_lr_factor: float = 10.0  # the guide's scales (rho) learn this many times faster than the means
     hidden_size: int = 1024
     prior_scale: float = 1.0  # the article's Normal(0, 1) prior on every weight
-    kl_weight: float = 1.0  # the KL term's weight in the ELBO; 1 is the article's ELBO, < 1 tempers it
+    kl_weight: float = 0.003  # the KL term's weight in the ELBO; 1 is the article's ELBO, < 1 tempers it
     init_scale: float = 1e-3  # guide scales start small: the net starts near its init
     elbo: str = "trace"  # "trace": Trace_ELBO, as in the article; "meanfield": analytic KL
     num_samples: int = 10  # posterior samples for the forced prediction (the article)
     unc_samples: int = 100  # posterior samples for uncertainty and abstention
     measure: str = "mutual_information"
-    threshold: float | None = None  # None: a quantile of the measure on held-out training images
-    refuse_quantile: float = 0.96  # ... this quantile: about 4% of MNIST is refused
-    val_size: int = 5000  # training images held out to set the threshold (not trained on)
+    threshold: float | None = None  # None: a quantile of the measure on held-out training images,
+    refuse_quantile: float = 0.98  # ... this one
+    ambiguity_quantile: float = 0.97  # also refuse above this quantile of expected entropy (0: off)
+    val_size: int = 5000  # training images held out to set the thresholds (not trained on)
     ood: str = "fashion,notmnist,noise"
     fashion_dir: str | None = None  # None: DATA_DIR/FashionMNIST/raw, then Debian's folder
     notmnist_dir: str | None = None  # None: DATA_DIR/notMNIST-459
@@ -370,8 +371,10 @@ def plot(x, probs, label=None, path=None):
 
 # =============================================================================
 # Part II. Saying "I don't know": uncertainty from the (S, B, 10) sample probabilities.
-# Every measure is "higher = more uncertain". The threshold for refusing is a quantile of
-# the measure on held-out training images, computed in every run (`refusal_threshold`).
+# Every measure is "higher = more uncertain". The network refuses when its samples disagree
+# (mutual information: "I have not seen anything like this") or agree that the image is
+# ambiguous (expected entropy: "a 4 or a 9"); each threshold is a quantile of the measure
+# on held-out training images, computed in every run (`refusal_rule`).
 # =============================================================================
 
 
@@ -402,35 +405,44 @@ MEASURES = ("predictive_entropy", "expected_entropy", "mutual_information", "max
 MEASURE_RANGE = {m: (0.0, math.log(CLASSES)) for m in MEASURES} | {"max_prob": (0.0, 1 - 1 / CLASSES)}
 
 
-def refusal_threshold(x_val, net, measure=DEFAULTS.measure, quantile=DEFAULTS.refuse_quantile,
-                      num_samples=DEFAULTS.unc_samples):
-    """The value of `measure` above which to refuse: its quantile over held-out images."""
-    score = uncertainty(sample_probs(x_val, net, num_samples))[measure]
-    return float(torch.quantile(score.double(), quantile))
+def refusal_rule(x_val, net, measure=DEFAULTS.measure, quantile=DEFAULTS.refuse_quantile,
+                 ambiguity_quantile=DEFAULTS.ambiguity_quantile, num_samples=DEFAULTS.unc_samples):
+    """When to say "I don't know": {measure: threshold}, each a quantile over held-out images.
 
-
-def predict_or_abstain(x, net, measure=None, threshold=None, num_samples=DEFAULTS.unc_samples):
-    """The class, or -1 ("I don't know") where the measure exceeds threshold: (B,) int64.
-
-    measure and threshold default to those stored with the net by train-and-save
-    (`load_guide`); a net without them needs both.
+    `measure` above its `quantile`, or (unless ambiguity_quantile is 0) expected entropy
+    above its own quantile. x_val: images the net was not trained on, (N, 784).
     """
-    measure = measure or getattr(net, "measure", None) or DEFAULTS.measure
-    threshold = getattr(net, "threshold", None) if threshold is None else threshold
-    if threshold is None:
-        raise ValueError("no refusal threshold: pass threshold=, e.g. bm.refusal_threshold(x_val, net)")
+    u = uncertainty(sample_probs(x_val, net, num_samples))
+    quantiles = {measure: quantile} | ({"expected_entropy": ambiguity_quantile} if ambiguity_quantile else {})
+    return {m: float(torch.quantile(u[m].double(), q)) for m, q in quantiles.items()}
+
+
+def refuses(u, rule):
+    """(B,) True where any measure of u (uncertainty()'s dict) exceeds its threshold in rule."""
+    return torch.stack([u[m] > t for m, t in rule.items()]).any(0)
+
+
+def predict_or_abstain(x, net, rule=None, num_samples=DEFAULTS.unc_samples):
+    """The class, or -1 ("I don't know") where the refusal rule says so: (B,) int64.
+
+    rule defaults to the one saved with the net's guide (`load_guide`); for a net you
+    trained, make one with `refusal_rule(x_val, net)`.
+    """
+    rule = rule if rule is not None else getattr(net, "rule", None)
+    if not rule:
+        raise ValueError("no refusal rule: pass rule=, e.g. bm.refusal_rule(x_val, net) on held-out images")
     probs = sample_probs(x, net, num_samples)
     pred = probs.mean(0).argmax(-1)
-    return torch.where(uncertainty(probs)[measure] > threshold, -1, pred)
+    return torch.where(refuses(uncertainty(probs), rule), -1, pred)
 
 
-def abstention(score, correct, threshold):
-    """Coverage (fraction accepted) and accuracy on the accepted inputs."""
-    accepted = score <= threshold
+def abstention(refused, correct):
+    """Coverage (fraction accepted), the fraction refused and the accuracy on the accepted."""
+    accepted = ~refused
     n = int(accepted.sum())
     return {
-        "coverage": n / len(score),
-        "refused": 1 - n / len(score),
+        "coverage": n / len(refused),
+        "refused": 1 - n / len(refused),
         "accuracy_accepted": float(correct[accepted].float().mean()) if n else float("nan"),
     }
 
@@ -553,15 +565,15 @@ def plot_reliability(probs, y, path=None, bins=15):
     return _finish(fig, path)
 
 
-def plot_coverage(score, correct, threshold, measure, path=None):
-    """Accuracy on the accepted images against coverage, the threshold marked."""
+def plot_coverage(score, correct, refused, measure, path=None):
+    """Accuracy on the accepted images against coverage by one measure; the refusal rule's point marked."""
     cov, acc = (t.cpu().numpy() for t in accuracy_coverage_curve(score, correct))
-    point = abstention(score, correct, threshold)
+    point = abstention(refused, correct)
     fig, axes = _figure(figsize=(6, 4))
     ax = axes[0, 0]
     ax.plot(cov, acc, color="#4c72b0", label=f"accept the most certain by {measure}")
     ax.scatter([point["coverage"]], [point["accuracy_accepted"]], color="#c44e52", zorder=3,
-               label=f"threshold {threshold:.3g}: {point['coverage']:.1%} kept, "
+               label=f"the refusal rule: {point['coverage']:.1%} kept, "
                      f"{point['accuracy_accepted']:.2%} right")
     ax.set(xlabel="coverage (fraction of MNIST test images accepted)", ylabel="accuracy on accepted images",
            ylim=(max(0.9, float(acc.min()) - 0.005), 1.001), title="Accuracy versus coverage")
@@ -594,10 +606,10 @@ def plot_histograms(scores, measure, threshold, path=None):
     return _finish(fig, path)
 
 
-def plot_examples(x, probs, score, threshold, labels=None, path=None, ncols=6):
+def plot_examples(x, probs, score, refused, labels=None, path=None, ncols=6):
     """A grid of images, each above its per-class sample spread, accepted/refused marked.
 
-    x: (N, 784); probs: (S, N, 10); score: (N,).
+    x: (N, 784); probs: (S, N, 10); score (shown) and refused: (N,).
     """
     n = x.shape[0]
     nrows = math.ceil(n / ncols)
@@ -609,12 +621,11 @@ def plot_examples(x, probs, score, threshold, labels=None, path=None, ncols=6):
             bottom.axis("off")
             continue
         p = probs[:, i].cpu()
-        refused = bool(score[i] > threshold)
-        verdict = "refused" if refused else f"says {int(p.mean(0).argmax())}"
+        verdict = "refused" if refused[i] else f"says {int(p.mean(0).argmax())}"
         truth = f" (true {int(labels[i])})" if labels is not None and labels[i] >= 0 else ""
         _digit(top, x[i], f"{verdict}{truth}")
         for spine in top.spines.values():
-            spine.set(visible=True, color="#c44e52" if refused else "#55a868", linewidth=3)
+            spine.set(visible=True, color="#c44e52" if refused[i] else "#55a868", linewidth=3)
         bottom.boxplot(p.numpy(), positions=range(CLASSES), widths=0.6, showfliers=False)
         bottom.set(ylim=(-0.02, 1.02), xticks=range(CLASSES))
         bottom.tick_params(labelsize=7)
@@ -1112,9 +1123,9 @@ def save_checkpoint(path, settings, net, optim, state):
                  "optim": optim.get_state(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, **state}, path)
 
 
-def save_guide(path, net, prior_scale=DEFAULTS.prior_scale, measure=None, threshold=None):
-    """The trained posterior, the settings to rebuild the BNN and its refusal threshold."""
-    settings = net_settings(net, prior_scale) | {"measure": measure, "threshold": threshold}
+def save_guide(path, net, prior_scale=DEFAULTS.prior_scale, rule=None):
+    """The trained posterior, the settings to rebuild the BNN and its refusal rule."""
+    settings = net_settings(net, prior_scale) | {"rule": rule}
     atomic_save({"format": GUIDE_FORMAT, "settings": settings, "net": net.state_dict()}, path)
 
 
@@ -1141,12 +1152,12 @@ def load_checkpoint(path, device="cpu"):
 
 
 def load_guide(path, device="cpu"):
-    """A BNN rebuilt from a saved guide, holding its posterior (and refusal threshold)."""
+    """A BNN rebuilt from a saved guide, holding its posterior (and its refusal rule, net.rule)."""
     obj = _load(path, GUIDE_FORMAT, device)
     s = obj["settings"]
     net = BNN(s["input_size"], s["hidden_size"], s["output_size"]).to(device)
     load_net_state(net, obj["net"], path)
-    net.measure, net.threshold = s.get("measure"), s.get("threshold")
+    net.rule = s.get("rule")
     return net
 
 
@@ -1222,7 +1233,7 @@ def build_parser():
     g.add_argument("--elbo", choices=("trace", "meanfield"), default=d.elbo,
                    help="trace: Trace_ELBO (sampled KL, the article); meanfield: TraceMeanField_ELBO (analytic KL)")
     g.add_argument("--val-size", type=int, default=d.val_size,
-                   help="training images held out (not trained on) to set the refusal threshold")
+                   help="training images held out (not trained on) to set the refusal thresholds")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="auto: cuda if available")
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
@@ -1236,6 +1247,9 @@ def build_parser():
                    help="refuse when the measure exceeds this (default: its --refuse-quantile on the held-out images)")
     g.add_argument("--refuse-quantile", type=float, default=d.refuse_quantile,
                    help="the threshold is this quantile of the measure on the held-out training images")
+    g.add_argument("--ambiguity-quantile", type=float, default=d.ambiguity_quantile,
+                   help="also refuse when expected entropy exceeds this quantile of it on the held-out images "
+                        "(the samples agree the digit is ambiguous); 0: off")
     g.add_argument("--ood", default=d.ood,
                    help="comma-separated out-of-distribution sets from fashion, notmnist, noise; or 'none'")
     g.add_argument("--fashion-dir", default=d.fashion_dir,
@@ -1271,10 +1285,13 @@ def parse_args(argv=None):
             parser.error(f"argument --threshold: {args.measure} lies in [{lo:g}, {hi:.4g}], got {args.threshold:g}")
     if not 0 < args.refuse_quantile < 1:
         parser.error(f"argument --refuse-quantile: must lie strictly between 0 and 1, got {args.refuse_quantile:g}")
+    if not 0 <= args.ambiguity_quantile < 1:
+        parser.error(f"argument --ambiguity-quantile: must lie in [0, 1), got {args.ambiguity_quantile:g}")
     if args.val_size < 0:
         parser.error(f"argument --val-size: must be >= 0, got {args.val_size}")
-    if args.val_size == 0 and args.threshold is None:
-        parser.error("argument --val-size: 0 holds nothing out to set the threshold; give --threshold too")
+    if args.val_size == 0 and (args.threshold is None or args.ambiguity_quantile):
+        parser.error("argument --val-size: 0 holds nothing out to set the thresholds; "
+                     "give --threshold and --ambiguity-quantile 0")
     sets = [s.strip() for s in args.ood.split(",") if s.strip()]
     sets = [] if sets == ["none"] else sets
     bad = [s for s in sets if s not in ("fashion", "notmnist", "noise")]
@@ -1372,14 +1389,16 @@ def run(cfg):
                        settings=settings, resume_state=resume_state, stop_requested=flag)
         if flag():  # the signal came during the last checkpoint write: stop now all the same
             raise Interrupted(f"interrupted after epoch {cfg.epochs}", flag())
-    threshold = cfg.threshold
-    if threshold is None:
-        threshold = refusal_threshold(x_val, net, cfg.measure, cfg.refuse_quantile, cfg.unc_samples)
-    save_guide(out / "guide.pt", net, cfg.prior_scale, cfg.measure, threshold)
+    rule = {}
+    if len(x_val):
+        rule = refusal_rule(x_val, net, cfg.measure, cfg.refuse_quantile, cfg.ambiguity_quantile, cfg.unc_samples)
+    if cfg.threshold is not None:
+        rule[cfg.measure] = cfg.threshold
+    save_guide(out / "guide.pt", net, cfg.prior_scale, rule)
 
     metrics = forced_prediction(cfg, net, x_test, y_test, result, device, out)
     write_json(metrics, out / "metrics.json")  # kept even if the uncertainty part fails
-    metrics |= uncertainty_report(cfg, net, x_test, y_test, threshold, device, out)
+    metrics |= uncertainty_report(cfg, net, x_test, y_test, rule, device, out)
     metrics["peak_rss_mib"] = peak_rss_mib()
     if device.type == "cuda":
         metrics["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -1424,15 +1443,16 @@ def load_ood_sets(cfg, report):
     return ood
 
 
-def uncertainty_report(cfg, net, x_test, y_test, threshold, device, out):
+def uncertainty_report(cfg, net, x_test, y_test, rule, device, out):
     """Calibration, abstention and OOD numbers (and their figures) for metrics.json."""
     probs = sample_probs(x_test, net, cfg.unc_samples)  # (S, 10000, 10)
     mean = probs.mean(0)
     scores = {"MNIST": uncertainty(probs)}
     correct = mean.argmax(1) == y_test
     cal = evaluate(mean, y_test)
-    report = {"unc_samples": cfg.unc_samples, "calibration": cal, "measure": cfg.measure, "threshold": threshold,
-              "abstention": {"MNIST": abstention(scores["MNIST"][cfg.measure], correct, threshold)},
+    refused = {"MNIST": refuses(scores["MNIST"], rule)}
+    report = {"unc_samples": cfg.unc_samples, "calibration": cal, "measure": cfg.measure,
+              "threshold": rule[cfg.measure], "rule": rule, "abstention": {"MNIST": abstention(refused["MNIST"], correct)},
               "auroc": {}, "ood_skipped": {}}
     ood = load_ood_sets(cfg, report)
     # the article's operating point: refuse 12.5% of MNIST test, then see how much of each set
@@ -1443,20 +1463,22 @@ def uncertainty_report(cfg, net, x_test, y_test, threshold, device, out):
         p = sample_probs(x.to(device), net, cfg.unc_samples)  # (S, N, 10)
         first_two[name] = p[:, :2].clone()
         scores[name] = s = uncertainty(p)
-        report["abstention"][name] = {"refused": float((s[cfg.measure] > threshold).float().mean())}
+        refused[name] = refuses(s, rule)
+        report["abstention"][name] = {"refused": float(refused[name].float().mean())}
         report["auroc"][name] = {m: auroc(scores["MNIST"][m], s[m]) for m in MEASURES}
         report["at_article_operating_point"][name] = float((s[cfg.measure] > article).float().mean())
-    print_report(cfg, report, cal, threshold)
+    print_report(cfg, report, cal, rule)
     if not cfg.no_plots:
-        uncertainty_figures(cfg, x_test, y_test, probs, scores, correct, ood, first_two, threshold, out)
+        uncertainty_figures(cfg, x_test, y_test, probs, scores, refused, correct, ood, first_two, rule, out)
     return report
 
 
-def print_report(cfg, report, cal, threshold):
+def print_report(cfg, report, cal, rule):
     a = report["abstention"]
     print(f"calibration: NLL {cal['nll']:.4f}  Brier {cal['brier']:.4f}  ECE {cal['ece']:.4f} "
           f"({cfg.unc_samples} samples)")
-    print(f"refusing when {cfg.measure} > {threshold:.4g}: MNIST refused {a['MNIST']['refused']:.1%}, "
+    when = " or ".join(f"{m} > {t:.4g}" for m, t in rule.items())
+    print(f"refusing when {when}: MNIST refused {a['MNIST']['refused']:.1%}, "
           f"{a['MNIST']['accuracy_accepted']:.2%} right on the rest" +
           "".join(f"; {n} refused {a[n]['refused']:.1%}" for n in a if n != "MNIST"))
     for n, r in report["auroc"].items():
@@ -1468,11 +1490,11 @@ def print_report(cfg, report, cal, threshold):
               "; ".join(f"{n} refused {v:.1%}" for n, v in op.items() if n != "MNIST"))
 
 
-def uncertainty_figures(cfg, x_test, y_test, probs, scores, correct, ood, first_two, threshold, out):
+def uncertainty_figures(cfg, x_test, y_test, probs, scores, refused, correct, ood, first_two, rule, out):
     measure = cfg.measure
     plot_reliability(probs.mean(0), y_test, path=out / "reliability.png")
-    plot_coverage(scores["MNIST"][measure], correct, threshold, measure, path=out / "coverage.png")
-    plot_histograms({n: s[measure] for n, s in scores.items()}, measure, threshold,
+    plot_coverage(scores["MNIST"][measure], correct, refused["MNIST"], measure, path=out / "coverage.png")
+    plot_histograms({n: s[measure] for n, s in scores.items()}, measure, rule[measure],
                     path=out / "uncertainty_hist.png")
     # Six MNIST digits (the three most and three least certain) and two of each OOD set,
     # shown with the same posterior samples that scored them above.
@@ -1481,7 +1503,8 @@ def uncertainty_figures(cfg, x_test, y_test, probs, scores, correct, ood, first_
     xs = torch.cat([x_test[pick].cpu(), *(x[:2].cpu() for x in ood.values())])
     ps = torch.cat([probs[:, pick], *first_two.values()], dim=1)  # (S, N, 10)
     labels = torch.cat([y_test[pick].cpu(), torch.full((len(xs) - len(pick),), -1)])
-    plot_examples(xs, ps, uncertainty(ps)[measure].cpu(), threshold, labels=labels, path=out / "examples.png")
+    u = uncertainty(ps)
+    plot_examples(xs, ps, u[measure].cpu(), refuses(u, rule).cpu(), labels=labels, path=out / "examples.png")
 
 
 def _sync(device):

@@ -177,10 +177,13 @@ def test_model_priors_and_guide_scales_are_what_they_say():
     assert model_trace.nodes["obs"]["scale"] == pytest.approx(1000 / 5)
 
 
-def test_abstention_accepts_a_score_equal_to_the_threshold():
-    # predict_or_abstain refuses only above the threshold; abstention must agree
-    score, correct = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([True, False, True])
-    assert bm.abstention(score, correct, 0.2)["coverage"] == pytest.approx(2 / 3)
+def test_a_score_equal_to_the_threshold_is_accepted_and_any_measure_refuses():
+    u = {"mutual_information": torch.tensor([0.1, 0.2, 0.3, 0.0]), "expected_entropy": torch.tensor([0, 0, 0, 2.0])}
+    refused = bm.refuses(u, {"mutual_information": 0.2, "expected_entropy": 1.0})
+    assert refused.tolist() == [False, False, True, True]
+    assert bm.refuses(u, {"mutual_information": 0.2}).tolist() == [False, False, True, False]
+    a = bm.abstention(refused, torch.tensor([True, False, True, True]))
+    assert a["coverage"] == 0.5 and a["accuracy_accepted"] == 0.5
 
 
 def test_held_out_images_are_never_trained_on_and_the_same_for_every_seed(data_dir):
@@ -198,9 +201,33 @@ def test_held_out_images_are_never_trained_on_and_the_same_for_every_seed(data_d
 
 def test_a_given_threshold_is_used_and_stored(tmp_path, data_dir, capsys):
     m = bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY,
-                 "--threshold", "0.5"])
-    assert m["threshold"] == 0.5 and bm.load_guide(tmp_path / "guide.pt").threshold == 0.5
+                 "--threshold", "0.5", "--ambiguity-quantile", "0"])
+    assert m["threshold"] == 0.5 and bm.load_guide(tmp_path / "guide.pt").rule == {"mutual_information": 0.5}
     assert m["abstention"]["MNIST"]["refused"] == 0.0  # nothing on these digits is that unsure
     m = bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY,
-                 "--refuse-quantile", "0.5"])
+                 "--refuse-quantile", "0.5", "--ambiguity-quantile", "0"])
     assert 0.25 <= m["abstention"]["MNIST"]["refused"] <= 0.8  # about half: the held-out median
+
+
+def test_train_takes_every_batch_and_decays_per_epoch(small_data, monkeypatch):
+    # bugs: the last partial batch dropped (steps = N // B); --max-batches ignored; the epoch's
+    # decay applied at every step
+    x, y, _, _ = small_data  # 600 images: 4 full batches of 128 and one of 88
+    seen = {}
+    real_epoch, real_svi = bm.train_epoch, bm.make_svi
+
+    def spy_epoch(svi, x_train, y_train, batch_size, state, steps, after_step=None):
+        seen.setdefault("steps", []).append(steps)
+        return real_epoch(svi, x_train, y_train, batch_size, state, steps, after_step)
+
+    def spy_svi(net, lr, lr_decay=1.0, *args):
+        seen["lr_decay"] = lr_decay
+        return real_svi(net, lr, lr_decay, *args)
+
+    monkeypatch.setattr(bm, "train_epoch", spy_epoch)
+    monkeypatch.setattr(bm, "make_svi", spy_svi)
+    bm.train(bm.BNN(784, 8, 10), x, y, epochs=2, batch_size=128, lr_decay=0.5, progress=False, log=lambda *a: None)
+    assert seen["steps"] == [5, 5] and seen["lr_decay"] == pytest.approx(0.5 ** (1 / 5))
+    seen.clear()
+    bm.train(bm.BNN(784, 8, 10), x, y, epochs=1, batch_size=128, max_batches=2, progress=False, log=lambda *a: None)
+    assert seen["steps"] == [2]

@@ -46,7 +46,8 @@ def test_saved_files_load_with_weights_only_and_round_trip(tmp_path, data_dir, c
     assert ckpt["optim"] and ckpt["rng"].dtype == torch.uint8 and ckpt["cuda_rng"] is None
     net = bm.load_guide(tmp_path / "guide.pt")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert net.threshold == metrics["threshold"] > 0 and net.measure == metrics["measure"]
+    assert net.rule == metrics["rule"] and set(net.rule) == {"mutual_information", "expected_entropy"}
+    assert metrics["threshold"] == net.rule["mutual_information"] > 0
 
 
 def test_outputs_get_the_mode_the_umask_gives(tmp_path, data_dir, capsys):
@@ -136,9 +137,9 @@ def test_library_functions_make_nothing_on_the_default_device():
         u = bm.uncertainty(probs)["mutual_information"]
         correct = probs.mean(0).argmax(1) == y
         results = [probs, u, *bm.accuracy_coverage_curve(u, correct), *bm.calibration_bins(probs.mean(0), y),
-                   bm.predict_or_abstain(x, net, threshold=0.1), bm.predictive_prob(x[:3], net, 4)]
+                   bm.predict_or_abstain(x, net, {"mutual_information": 0.1}), bm.predictive_prob(x[:3], net, 4)]
         numbers = [bm.auroc(u[:20], u[20:]), bm.evaluate(probs.mean(0), y)["ece"],
-                   bm.abstention(u, correct, 0.1)["coverage"], bm.refusal_threshold(x, net, num_samples=4)]
+                   bm.abstention(u > 0.1, correct)["coverage"], *bm.refusal_rule(x, net, num_samples=4).values()]
     assert all(t.device.type == "cpu" for t in results)
     assert all(isinstance(v, float) for v in numbers)
 

@@ -55,18 +55,25 @@ def test_ece_of_a_perfectly_calibrated_set_is_zero():
 def test_abstention_arithmetic_and_coverage_curve():
     score = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.9])
     correct = torch.tensor([True, True, False, True, False])
-    a = bm.abstention(score, correct, threshold=0.25)
+    a = bm.abstention(score > 0.25, correct)
     assert a == {"coverage": 0.6, "refused": pytest.approx(0.4), "accuracy_accepted": pytest.approx(2 / 3)}
     cov, acc = bm.accuracy_coverage_curve(score, correct)
     assert torch.allclose(cov, torch.tensor([0.2, 0.4, 0.6, 0.8, 1.0]))
     assert torch.allclose(acc, torch.tensor([1.0, 1.0, 2 / 3, 0.75, 0.6]))
-    assert math.isnan(bm.abstention(score, correct, threshold=-1)["accuracy_accepted"])
+    assert math.isnan(bm.abstention(score > -1, correct)["accuracy_accepted"])
 
 
 def test_predict_or_abstain_refuses_where_samples_disagree():
     net = ready_net(16, init_scale=1e-30)
     x = torch.rand(4, 784)
-    out = bm.predict_or_abstain(x, net, "mutual_information", threshold=0.01, num_samples=30)
+    out = bm.predict_or_abstain(x, net, {"mutual_information": 0.01}, num_samples=30)
     assert torch.equal(out, torch.softmax(net(x), -1).argmax(-1))  # certain: all accepted
     net.rho["out_bias"].data.fill_(bm.inverse_softplus(50.0))
-    assert (bm.predict_or_abstain(x, net, "mutual_information", 0.01, 30) == -1).all()
+    assert (bm.predict_or_abstain(x, net, {"mutual_information": 0.01}, 30) == -1).all()
+    # the ambiguity half of the rule: samples that agree on a flat distribution
+    net.rho["out_bias"].data.fill_(bm.inverse_softplus(1e-30))
+    for p in net.loc.values():
+        p.data.zero_()  # every logit 0: each sample says "any digit, 10% each"
+    rule = {"mutual_information": 0.01, "expected_entropy": 2.0}
+    assert (bm.predict_or_abstain(x, net, rule, 30) == -1).all()
+    assert (bm.predict_or_abstain(x, net, {"mutual_information": 0.01}, 30) >= 0).all()
