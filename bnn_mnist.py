@@ -84,7 +84,7 @@ class Config:
     measure: str = "mutual_information"
     threshold: float | None = None  # None: a quantile of the measure on held-out training images,
     refuse_quantile: float = 0.98  # ... this one
-    ambiguity_quantile: float = 0.97  # also refuse above this quantile of expected entropy (0: off)
+    ambiguity_quantile: float = 0.965  # also refuse above this quantile of expected entropy (0: off)
     val_size: int = 5000  # training images held out to set the thresholds (not trained on)
     ood: str = "fashion,notmnist,noise"
     fashion_dir: str | None = None  # None: DATA_DIR/FashionMNIST/raw, then Debian's folder
