@@ -322,7 +322,11 @@ def predict(x, net, num_samples=DEFAULTS.num_samples):
 
 
 def predictive_prob(x, net, num_samples=DEFAULTS.num_samples):
-    """The same predictive with Pyro's own tool: Predictive runs the guide, then the model."""
+    """The same predictive with Pyro's own tool: Predictive runs the guide, then the model.
+
+    A demonstration: it draws all num_samples weight sets at once (S x 814k floats at the
+    defaults), where sample_probs bounds its memory.
+    """
     check_trained(net)
     predictive = Predictive(partial(model, net=net), guide=partial(guide, net=net), num_samples=num_samples,
                             return_sites=["_RETURN"], parallel=True)  # all samples in one vectorised pass

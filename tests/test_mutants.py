@@ -218,7 +218,9 @@ def test_train_takes_every_batch_and_decays_per_epoch(small_data, monkeypatch):
 
     def spy_epoch(svi, x_train, y_train, batch_size, state, steps, after_step=None):
         seen.setdefault("steps", []).append(steps)
-        return real_epoch(svi, x_train, y_train, batch_size, state, steps, after_step)
+        loss = real_epoch(svi, x_train, y_train, batch_size, state, steps, after_step)
+        seen.setdefault("perms", []).append(state["perm"].clone())
+        return loss
 
     def spy_svi(net, lr, lr_decay=1.0, *args):
         seen["lr_decay"] = lr_decay
@@ -228,6 +230,16 @@ def test_train_takes_every_batch_and_decays_per_epoch(small_data, monkeypatch):
     monkeypatch.setattr(bm, "make_svi", spy_svi)
     bm.train(bm.BNN(784, 8, 10), x, y, epochs=2, batch_size=128, lr_decay=0.5, progress=False, log=lambda *a: None)
     assert seen["steps"] == [5, 5] and seen["lr_decay"] == pytest.approx(0.5 ** (1 / 5))
+    assert not torch.equal(*seen["perms"])  # every epoch reshuffles
     seen.clear()
     bm.train(bm.BNN(784, 8, 10), x, y, epochs=1, batch_size=128, max_batches=2, progress=False, log=lambda *a: None)
     assert seen["steps"] == [2]
+
+
+def test_the_default_loss_is_the_articles_trace_elbo():
+    from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+
+    net = bm.BNN(784, 8, 10)
+    default = bm.make_svi(net, lr=0.01)[0].loss.__self__  # SVI keeps the ELBO's bound methods
+    assert type(default) is Trace_ELBO and bm.DEFAULTS.elbo == "trace"
+    assert type(bm.make_svi(net, lr=0.01, elbo="meanfield")[0].loss.__self__) is TraceMeanField_ELBO

@@ -17,7 +17,7 @@ def test_tutorial_runs_end_to_end_on_tiny_data(data_dir, monkeypatch):
                    resources={"metadata": {"path": str(TUTORIAL.parent)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     for expected in ("training (500, 784) held out (100, 784) test (200, 784)", "obs", "-ELBO estimate",
-                     "epoch 1/1  loss", "test accuracy", "Predictive vs predict_prob", "MNIST test refused",
+                     "epoch 1/1  loss", "test accuracy", "predict_prob vs Predictive", "MNIST test refused",
                      "uniform noise refused"):
         assert expected in text, expected
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
