@@ -243,3 +243,14 @@ def test_the_default_loss_is_the_articles_trace_elbo():
     default = bm.make_svi(net, lr=0.01)[0].loss.__self__  # SVI keeps the ELBO's bound methods
     assert type(default) is Trace_ELBO and bm.DEFAULTS.elbo == "trace"
     assert type(bm.make_svi(net, lr=0.01, elbo="meanfield")[0].loss.__self__) is TraceMeanField_ELBO
+
+
+def test_bnn_forward_is_the_relu_network_for_one_or_many_weight_sets():
+    # bug: the ReLU dropped (a linear model still learns the separable test digits)
+    w = {"fc1_weight": torch.tensor([[1.0, 0.0], [0.0, -1.0], [1.0, 1.0]]), "fc1_bias": torch.tensor([0.0, 0.0, -10.0]),
+         "out_weight": torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 0.0]]), "out_bias": torch.tensor([0.5, 0.0])}
+    x = torch.tensor([[2.0, 3.0], [-1.0, -4.0]])
+    expected = torch.tensor([[2.5, 0.0], [4.5, 8.0]])  # hidden (2, 0, 0) and (0, 4, 0)
+    assert torch.equal(bm.bnn_forward(w, x), expected)
+    many = {k: torch.stack([v, 2 * v]) for k, v in w.items()}  # two weight sets at once: (2, B, C)
+    assert torch.equal(bm.bnn_forward(many, x)[0], expected)
