@@ -254,3 +254,13 @@ def test_bnn_forward_is_the_relu_network_for_one_or_many_weight_sets():
     assert torch.equal(bm.bnn_forward(w, x), expected)
     many = {k: torch.stack([v, 2 * v]) for k, v in w.items()}  # two weight sets at once: (2, B, C)
     assert torch.equal(bm.bnn_forward(many, x)[0], expected)
+
+
+def test_predict_or_abstain_uses_the_rule_given_else_the_nets_own():
+    net = ready_net(8, init_scale=0.1)
+    x = torch.rand(6, 784)
+    with pytest.raises(ValueError, match="no refusal rule"):
+        bm.predict_or_abstain(x, net)
+    net.rule = {"mutual_information": 10.0}  # as load_guide sets it: never refuses
+    assert (bm.predict_or_abstain(x, net, num_samples=5) >= 0).all()
+    assert (bm.predict_or_abstain(x, net, {"mutual_information": -1.0}, num_samples=5) == -1).all()
