@@ -264,3 +264,19 @@ def test_predict_or_abstain_uses_the_rule_given_else_the_nets_own():
     net.rule = {"mutual_information": 10.0}  # as load_guide sets it: never refuses
     assert (bm.predict_or_abstain(x, net, num_samples=5) >= 0).all()
     assert (bm.predict_or_abstain(x, net, {"mutual_information": -1.0}, num_samples=5) == -1).all()
+
+
+def test_every_set_is_refused_by_the_whole_rule(tmp_path, data_dir, monkeypatch, capsys):
+    # bug: the out-of-distribution sets refused by the primary measure alone
+    seen = []
+    real = bm.refuses
+
+    def spy(u, rule):
+        seen.append((len(u["mutual_information"]), tuple(rule)))
+        return real(u, rule)
+
+    monkeypatch.setattr(bm, "refuses", spy)
+    m = bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY])
+    both = ("mutual_information", "expected_entropy")
+    assert (200, both) in seen and (50, both) in seen  # MNIST test and the 50 noise images
+    assert tuple(m["rule"]) == both
