@@ -1311,8 +1311,8 @@ def parse_args(argv=None):
 
 OUTPUTS = ("metrics.json", "guide.pt", "checkpoint.pt", "prediction.png", "reliability.png",
            "coverage.png", "uncertainty_hist.png", "examples.png")
-TRAINING_SETTINGS = ("epochs", "batch_size", "lr", "lr_decay", "scale_lr_factor", "kl_weight", "init_scale", "elbo",
-                     "seed", "max_batches", "train_subset", "val_size")
+# what a checkpoint must agree on to be resumed: train's arguments and what shapes the data and net
+TRAINING_SETTINGS = (*TRAIN_ARGS, "init_scale", "seed", "train_subset", "val_size")
 
 
 def prepare_out_dir(out_dir):
