@@ -81,6 +81,11 @@ SMALL = ["--hidden-size", "32", "--batch-size", "64", "--unc-samples", "20", "--
          "--val-size", "100"]
 
 
+# a seconds-long CLI run on the synthetic digits
+TINY = ["--hidden-size", "16", "--batch-size", "64", "--unc-samples", "10", "--ood", "noise",
+        "--noise-count", "50", "--no-plots", "--lr", "0.01", "--val-size", "100"]
+
+
 def ready_net(hidden=16, init_scale=1e-3):
     """A BNN whose posterior is still at its start, marked as trained so that it predicts."""
     net = bm.BNN(784, hidden, 10, init_scale=init_scale)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bnn_mnist as bm
-from conftest import ready_net
+from conftest import TINY, ready_net
 
 
 class RecordingSVI:
@@ -123,8 +123,6 @@ def test_the_scale_lr_factor_applies_to_scales_only():
     assert len(lrs) == 8
 
 
-TINY = ["--hidden-size", "16", "--batch-size", "64", "--unc-samples", "10", "--ood", "noise",
-        "--noise-count", "50", "--no-plots", "--lr", "0.01", "--val-size", "100"]
 
 
 def test_the_cli_uses_the_sample_counts_it_is_given(tmp_path, data_dir, monkeypatch, capsys):

@@ -12,10 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnn_mnist as bm
-from conftest import ROOT, cli_env, ready_net
+from conftest import TINY, ROOT, cli_env, ready_net
 
-TINY = ["--hidden-size", "16", "--batch-size", "64", "--unc-samples", "10", "--ood", "noise",
-        "--noise-count", "50", "--no-plots", "--lr", "0.01", "--val-size", "100"]
 
 
 class Evil:
