@@ -151,6 +151,11 @@ class BNN(nn.Module):
         self.register_buffer("trained", torch.tensor(False))  # set by train() and load_guide()
         self.sizes = (input_size, hidden_size, output_size)
 
+    @property
+    def device(self):
+        """Where the posterior lives (net.to(device) moves it)."""
+        return self.loc["fc1_weight"].device
+
     def q(self, name):
         """The guide's distribution of one weight tensor."""
         return dist.Normal(self.loc[name], F.softplus(self.rho[name])).to_event(self.loc[name].dim())
@@ -296,7 +301,7 @@ def sample_probs(x, net, num_samples=DEFAULTS.num_samples, max_elements=2**25):
     """
     check_num_samples(num_samples)
     check_trained(net)
-    x = to_images(x).to(net.loc["fc1_weight"].device)
+    x = to_images(x).to(net.device)
     _, hidden, classes = net.sizes
     out = torch.empty(num_samples, x.shape[0], classes, device=x.device)
     weight_set = sum(p.numel() for p in net.loc.values())
@@ -331,7 +336,7 @@ def predictive_prob(x, net, num_samples=DEFAULTS.num_samples):
     predictive = Predictive(partial(model, net=net), guide=partial(guide, net=net), num_samples=num_samples,
                             return_sites=["_RETURN"], parallel=True)  # all samples in one vectorised pass
     with torch.no_grad(), pyro.get_param_store().scope():
-        logits = predictive(to_images(x).to(net.loc["fc1_weight"].device))["_RETURN"]  # (S, B, 10)
+        logits = predictive(to_images(x).to(net.device))["_RETURN"]  # (S, B, 10)
     return logits.softmax(-1).mean(0)
 
 
@@ -418,6 +423,11 @@ def refusal_rule(x_val, net, measure=DEFAULTS.measure, quantile=DEFAULTS.refuse_
     """
     u = uncertainty(sample_probs(x_val, net, num_samples))
     quantiles = {measure: quantile} | ({"expected_entropy": ambiguity_quantile} if ambiguity_quantile else {})
+    return thresholds(u, quantiles)
+
+
+def thresholds(u, quantiles):
+    """{measure: its quantile q over the images of u (uncertainty()'s dict)} for {measure: q}."""
     return {m: float(torch.quantile(u[m].double(), q)) for m, q in quantiles.items()}
 
 
@@ -945,10 +955,9 @@ class TrainingRun:
             self.optim.set_state(r["optim"])
             torch.set_rng_state(r["rng"])
             if r.get("cuda_rng") is not None:  # same device type: checked by the settings on resume
-                torch.cuda.set_rng_state(r["cuda_rng"], self.net.loc["fc1_weight"].device)
+                torch.cuda.set_rng_state(r["cuda_rng"], self.net.device)
             self.state.update({k: r[k] for k in self.state})
-            device = self.net.loc["fc1_weight"].device
-            self.state["perm"] = None if r["perm"] is None else r["perm"].to(device)
+            self.state["perm"] = None if r["perm"] is None else r["perm"].to(self.net.device)
         self.started = time.perf_counter() - self.state["train_seconds"]
         self._new_bar()
         return self.state
@@ -1121,8 +1130,8 @@ def net_settings(net, prior_scale):
 
 
 def save_checkpoint(path, settings, net, optim, state):
-    device = net.loc["fc1_weight"].device  # a CPU run never touches CUDA
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    # a CPU run never touches CUDA
+    cuda_rng = torch.cuda.get_rng_state(net.device) if net.device.type == "cuda" else None
     atomic_save({"format": CHECKPOINT_FORMAT, "settings": settings, "net": net.state_dict(),
                  "optim": optim.get_state(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, **state}, path)
 
@@ -1167,6 +1176,11 @@ def load_guide(path, device="cpu"):
 
 def load_net_state(net, state_dict, source):
     """net.load_state_dict with a clear error when the saved posterior does not fit this net."""
+    check_net_state(net, state_dict, source)
+    net.load_state_dict(state_dict)
+
+
+def check_net_state(net, state_dict, source):
     own = net.state_dict()
     for name, p in own.items():
         saved = state_dict.get(name)
@@ -1174,11 +1188,10 @@ def load_net_state(net, state_dict, source):
             raise BadFile(f"{source} has no parameter {name}")
         if saved.shape != p.shape:
             raise BadFile(f"{source} holds {name} of shape {tuple(saved.shape)}, but this BNN needs "
-                             f"{tuple(p.shape)} (a different --hidden-size?)")
+                          f"{tuple(p.shape)} (a different --hidden-size?)")
     extra = set(state_dict) - set(own)
     if extra:
         raise BadFile(f"{source} holds parameters this BNN does not have: {', '.join(sorted(extra))}")
-    net.load_state_dict(state_dict)
 
 
 def write_json(obj, path):
@@ -1357,7 +1370,7 @@ def resume_state_for(cfg, net, settings, ckpt_path, device):
     if not ckpt_path.exists():
         raise MissingFile(f"--resume: no checkpoint at {ckpt_path}")
     state = load_checkpoint(ckpt_path, device)
-    load_net_state(BNN(*net.sizes).to(device), state["net"], ckpt_path)  # shapes fit?
+    check_net_state(net, state["net"], ckpt_path)
     changed = {k: (state["settings"].get(k), v) for k, v in settings.items()
                if k != "epochs" and state["settings"].get(k) != v}
     if changed:

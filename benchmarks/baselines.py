@@ -91,7 +91,7 @@ def score(sample_fn, measure, quantiles, x_val, x_test, y_test, ood):
     with torch.no_grad():
         probs = {name: sample_fn(v) for name, v in {"val": x_val, "MNIST": x_test, **ood}.items()}
     u = {name: bm.uncertainty(p) for name, p in probs.items()}
-    rule = {m: float(torch.quantile(u["val"][m].double(), q)) for m, q in quantiles.items()}
+    rule = bm.thresholds(u["val"], quantiles)
     ev = bm.evaluate(probs["MNIST"].mean(0), y_test)
     row = {"accuracy": ev["accuracy"], "nll": ev["nll"], "ece": ev["ece"]}
     for name in ood:

@@ -121,6 +121,7 @@ MUTANTS = [
     ("checkpoint", "the optimiser state not restored", 'self.optim.set_state(r["optim"])', "pass"),
     ("checkpoint", "the position in the epoch not restored", "self.state.update({k: r[k] for k in self.state})",
      'self.state.update({k: r[k] for k in self.state if k != "step"})'),
+    ("checkpoint", "a saved posterior of another shape accepted", "if saved.shape != p.shape:", "if False:"),
     ("checkpoint", "guides loaded with unpickling", "obj = torch.load(path, map_location=device, weights_only=True)",
      "obj = torch.load(path, map_location=device, weights_only=False)"),
     ("checkpoint", "outputs left private", "os.chmod(tmp, 0o666 & ~_umask())", "pass"),
