@@ -218,7 +218,7 @@ def guide(x_data=None, y_data=None, num_data=None, *, net, kl_weight=1.0):
 
 def make_svi(net, lr, lr_decay=1.0, prior_scale=DEFAULTS.prior_scale, elbo=DEFAULTS.elbo,
              scale_lr_factor=DEFAULTS.scale_lr_factor, kl_weight=DEFAULTS.kl_weight):
-    """SVI with Adam; lr_decay multiplies the learning rate after every step.
+    """SVI with Adam; lr_decay multiplies the learning rate at every step.
 
     ClippedAdam is Adam with that per-step decay kept in its own state, so a resumed run
     decays exactly like an uninterrupted one; clipping is off (clip_norm=inf).

@@ -112,14 +112,17 @@ def test_a_non_finite_posterior_is_never_saved(tmp_path):
     assert path.read_bytes() == good
 
 
-def test_the_scale_lr_factor_applies_to_scales_only():
+def test_the_scale_lr_factor_applies_to_scales_only_and_every_rate_decays():
+    # bugs: the factor applied to the means; no learning-rate decay
     net = bm.BNN(784, 8, 10)
-    svi, optim = bm.make_svi(net, lr=0.01, scale_lr_factor=5.0)
+    svi, optim = bm.make_svi(net, lr=0.01, lr_decay=0.5, scale_lr_factor=5.0)
     x, y = torch.rand(4, 784), torch.arange(4)
     with pyro.get_param_store().scope():
         svi.step(x, y, 100)
+        svi.step(x, y, 100)
         lrs = {pyro.get_param_store().param_name(p): o.param_groups[0]["lr"] for p, o in optim.optim_objs.items()}
-    assert lrs["bnn$$$rho.fc1_weight"] == pytest.approx(0.05) and lrs["bnn$$$loc.fc1_weight"] == pytest.approx(0.01)
+    # ClippedAdam multiplies the rate by lr_decay at each step: two steps, 0.5 ** 2
+    assert lrs["bnn$$$rho.fc1_weight"] == pytest.approx(0.05 / 4) and lrs["bnn$$$loc.fc1_weight"] == pytest.approx(0.01 / 4)
     assert len(lrs) == 8
 
 
