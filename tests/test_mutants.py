@@ -122,8 +122,8 @@ def test_the_scale_lr_factor_applies_to_scales_only_and_every_rate_decays():
         svi.step(x, y, 100)
         lrs = {pyro.get_param_store().param_name(p): o.param_groups[0]["lr"] for p, o in optim.optim_objs.items()}
     # ClippedAdam multiplies the rate by lr_decay at each step: two steps, 0.5 ** 2
-    assert lrs["bnn$$$rho.fc1_weight"] == pytest.approx(0.05 / 4) and lrs["bnn$$$loc.fc1_weight"] == pytest.approx(0.01 / 4)
-    assert len(lrs) == 8
+    expected = {f"bnn$$${kind}.{k}": base / 4 for kind, base in (("loc", 0.01), ("rho", 0.05)) for k in net.loc}
+    assert len(expected) == 8 and lrs == pytest.approx(expected)
 
 
 
