@@ -1434,9 +1434,11 @@ def forced_prediction(cfg, net, x_test, y_test, result, device, out):
     forced = evaluate(probs, y_test)
     print(f"test accuracy {forced['accuracy']:.4f}  NLL {forced['nll']:.4f}  "
           f"({cfg.num_samples} samples, {seconds:.2f} s)")
-    if not cfg.no_plots:  # the article's figure, for the first test digit
-        plot(x_test[0].cpu(), sample_probs(x_test[:1], net, cfg.num_samples)[:, 0], label=y_test[0],
-             path=out / "prediction.png")
+    if not cfg.no_plots:  # the article's figure, for the first test digit, on its own random
+        # numbers: with or without --no-plots, the samples after it and so the metrics are the same
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            plot(x_test[0].cpu(), sample_probs(x_test[:1], net, cfg.num_samples)[:, 0], label=y_test[0],
+                 path=out / "prediction.png")
     return {"test_accuracy": forced["accuracy"], "test_nll": forced["nll"], "epochs": len(result["losses"]),
             "epoch_losses": result["losses"], "train_seconds": result["train_seconds"],
             "predict_seconds": seconds, "num_samples": cfg.num_samples, "device": str(device), "seed": cfg.seed}

@@ -140,6 +140,8 @@ MUTANTS = [
     ("cli", "a missing OOD set fatal", "except (MissingFile, DataError) as e:", "except KeyboardInterrupt as e:"),
     ("cli", "--num-samples ignored", "probs = predict_prob(x_test, net, cfg.num_samples)", "probs = predict_prob(x_test, net)"),
     ("cli", "a damaged data file not named", "read_idx(raw / name)  # raises DataError naming the damaged file", "pass"),
+    ("cli", "the figure shifts the metrics' random numbers",
+     'with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):', "with contextlib.nullcontext():"),
 ]
 
 

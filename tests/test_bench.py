@@ -4,6 +4,9 @@ targets live in the benchmark's output, not in timed tests)."""
 import math
 import sys
 
+import pytest
+import torch
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -29,3 +32,24 @@ def test_baselines_print_the_side_by_side_table(data_dir, capsys):
     assert set(rows) == {"plain MLP (max_prob)", f"bnn_mnist defaults ({bm.DEFAULTS.measure})"}
     for row in rows.values():
         assert 0.8 < row["accuracy"] <= 1 and 0 <= row["refused MNIST"] <= 0.2 and 0 <= row["AUROC noise"] <= 1
+
+
+def test_refusal_frontier_refuses_the_most_uncertain_and_reports_both_splits(data_dir, tmp_path, capsys):
+    import refusal_frontier as rf
+    from conftest import ready_net
+
+    correct = torch.tensor([True] * 95 + [False] * 5)
+    errors_last = {"m": torch.arange(100.0)}  # the 5 errors are the most uncertain: all refused
+    errors_first = {"m": -torch.arange(100.0)}  # ... the least uncertain: 5 correct ones refused
+    assert rf.best_single(errors_last, correct, 0.05) == {"m": 1.0}
+    assert rf.best_single(errors_first, correct, 0.05)["m"] == pytest.approx(90 / 95)
+    u = {"mutual_information": torch.zeros(100), "expected_entropy": torch.arange(100.0)}
+    assert rf.best_pair(u, correct, 0.05) == 1.0 and rf.best_pair(u, correct, 0.02) == pytest.approx(95 / 98)
+
+    net = ready_net()
+    bm.save_guide(tmp_path / "guide.pt", net, rule={"mutual_information": 0.01, "expected_entropy": 1.0})
+    rf.main(["--guide", str(tmp_path / "guide.pt"), "--data-dir", str(data_dir), "--val-size", "100",
+             "--unc-samples", "4"])
+    text = capsys.readouterr().out
+    assert "held-out training digits:" in text and "errors in 100;" in text
+    assert "MNIST test digits:" in text and "errors in 200;" in text and "best MI/EE pair" in text

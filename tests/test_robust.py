@@ -40,6 +40,14 @@ def test_same_seed_same_everything_and_another_seed_differs(tmp_path, data_dir, 
     assert runs[0]["epoch_losses"] != runs[2]["epoch_losses"]
 
 
+def test_drawing_the_figures_does_not_change_the_numbers(tmp_path, data_dir, capsys):
+    base = ["--data-dir", str(data_dir), "--epochs", "1", "--seed", "3"]
+    quiet = bm.main([*base, "--out-dir", str(tmp_path / "a"), *TINY])
+    drawn = bm.main([*base, "--out-dir", str(tmp_path / "b"), *[a for a in TINY if a != "--no-plots"]])
+    assert (tmp_path / "b/prediction.png").exists() and not (tmp_path / "a/prediction.png").exists()
+    assert metrics_without_timing(quiet) == metrics_without_timing(drawn)
+
+
 def test_three_epochs_then_resume_two_equals_five_straight(tmp_path, data_dir, capsys):
     base = ["--data-dir", str(data_dir), *TINY]
     straight = bm.main([*base, "--out-dir", str(tmp_path / "a"), "--epochs", "5"])
