@@ -63,8 +63,12 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=0.05, help="the share of MNIST digits one may refuse")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if not 0 < args.budget < 1:
+        p.error(f"argument --budget: must be in (0, 1), got {args.budget}")
     torch.manual_seed(args.seed)
     net = bm.load_guide(args.guide)
+    if not getattr(net, "rule", None):
+        raise bm.SettingsError(f"{args.guide} holds no refusal rule (was it trained with --val-size 0?)")
     cfg = bm.Config(data_dir=args.data_dir, val_size=args.val_size)
     _, _, x_val, y_val, x_test, y_test = bm.split_data(cfg, "cpu")
     report("held-out training digits", x_val, y_val, net, args.unc_samples, args.budget)
