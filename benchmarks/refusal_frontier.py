@@ -27,16 +27,16 @@ def best_single(u, correct, budget):
 
 
 def best_pair(u, correct, budget, grid=101):
-    """The best accuracy on the rest over (MI, EE) quantile pairs refusing at most `budget`."""
+    """The best accuracy on the rest over rules {MI: t1, EE: t2} (the default rule's shape, t1
+    and t2 quantiles 0.90-1.00 of u) refusing at most `budget` of the images."""
     qs = torch.linspace(0.9, 1.0, grid, dtype=torch.double)
-    mi = u["mutual_information"][None] > torch.quantile(u["mutual_information"].double(), qs)[:, None]  # (G, B)
-    ee = u["expected_entropy"][None] > torch.quantile(u["expected_entropy"].double(), qs)[:, None]  # (G, B)
+    cuts = {m: torch.quantile(u[m].double(), qs).tolist() for m in ("mutual_information", "expected_entropy")}
     best = 0.0
-    for row in mi:  # refused = row | ee: (G, B), one MI threshold against every EE threshold
-        kept = ~(row[None] | ee)
-        ok = kept.float().mean(1) >= 1 - budget
-        acc = (kept & correct).sum(1) / kept.sum(1).clamp_min(1)
-        best = max(best, float(acc[ok].max())) if ok.any() else best
+    for t_mi in cuts["mutual_information"]:
+        for t_ee in cuts["expected_entropy"]:
+            refused = bm.refuses(u, {"mutual_information": t_mi, "expected_entropy": t_ee})
+            if int(refused.sum()) <= budget * len(correct):
+                best = max(best, float(correct[~refused].float().mean()))
     return best
 
 

@@ -51,8 +51,8 @@ def test_refusal_frontier_refuses_the_most_uncertain_and_reports_both_splits(dat
     rf.main(["--guide", str(tmp_path / "guide.pt"), "--data-dir", str(data_dir), "--val-size", "100",
              "--unc-samples", "4"])
     text = capsys.readouterr().out
+    assert "held-out training digits:" in text and "errors in 100;" in text
+    assert "MNIST test digits:" in text and "errors in 200;" in text and "best MI/EE pair" in text
     with pytest.raises(SystemExit):
         rf.main(["--guide", str(tmp_path / "guide.pt"), "--budget", "1"])
     assert "--budget: must be in (0, 1), got 1.0" in capsys.readouterr().err
-    assert "held-out training digits:" in text and "errors in 100;" in text
-    assert "MNIST test digits:" in text and "errors in 200;" in text and "best MI/EE pair" in text
