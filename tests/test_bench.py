@@ -56,3 +56,6 @@ def test_refusal_frontier_refuses_the_most_uncertain_and_reports_both_splits(dat
     with pytest.raises(SystemExit):
         rf.main(["--guide", str(tmp_path / "guide.pt"), "--budget", "1"])
     assert "--budget: must be in (0, 1), got 1.0" in capsys.readouterr().err
+    bm.save_guide(tmp_path / "norule.pt", net)
+    with pytest.raises(bm.SettingsError, match="norule.pt holds no refusal rule"):
+        rf.main(["--guide", str(tmp_path / "norule.pt"), "--data-dir", str(data_dir)])
