@@ -122,6 +122,19 @@ def load_mnist(data_dir, train=True, dataset="MNIST"):
     return ds.data.reshape(len(ds.data), 784).float().div_(255), ds.targets.long()
 
 
+def holdout_split(x, y, val_size=DEFAULTS.val_size, seed=1234):
+    """Hold out val_size training images, never to be trained on: (x_train, y_train, x_val, y_val).
+
+    The held-out images set the refusal thresholds (`train(..., x_val=x_val)`) and choose
+    the defaults. The draw depends on `seed` only (the same for every training seed).
+    """
+    if not 0 <= val_size < len(x):
+        raise SettingsError(f"val_size {val_size} must lie in [0, {len(x)}): the set has {len(x)} images")
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    val, tr = perm[:val_size], perm[val_size:]
+    return x[tr], y[tr], x[val], y[val]
+
+
 # -----------------------------------------------------------------------------
 # 2. The network: 784 -> 1024 (ReLU) -> 10, holding its own posterior q(w).
 # The article kept q's parameters in Pyro's global param store; here they are
@@ -137,13 +150,16 @@ class BNN(nn.Module):
     """The architecture and its mean-field posterior: q(w) = N(loc, softplus(rho)) per weight.
 
     net.loc / net.rho: {"fc1_weight": (H, D), "fc1_bias": (H,), "out_weight": (C, H),
-    "out_bias": (C,)}. The means start at nn.Linear's usual init (the article's N(0, 1)
+    "out_bias": (C,)}. net.prior_scale is the std of the model's Normal(0, s) prior on every
+    weight (part of what was trained; saved and restored with it). The means start at nn.Linear's usual init (the article's N(0, 1)
     start made the net start as noise), the scales at init_scale. `net(x)` gives the
     logits of the mean network, once trained.
     """
 
-    def __init__(self, input_size=784, hidden_size=1024, output_size=10, init_scale=DEFAULTS.init_scale):
+    def __init__(self, input_size=784, hidden_size=1024, output_size=10, init_scale=DEFAULTS.init_scale,
+                 prior_scale=DEFAULTS.prior_scale):
         super().__init__()
+        self.prior_scale = prior_scale  # the model's prior std; saved with the guide, restored by load_guide
         layers = {"fc1": nn.Linear(input_size, hidden_size), "out": nn.Linear(hidden_size, output_size)}
         self.loc = nn.ParameterDict({f"{n}_{k}": p for n, m in layers.items() for k, p in m.named_parameters()})
         rho0 = inverse_softplus(init_scale)
@@ -180,14 +196,18 @@ def bnn_forward(weights, x):
 # 3. The model: p(w) p(y | x, w), Normal(0, prior_scale) on every weight and bias.
 
 
-def model(x_data, y_data=None, num_data=None, *, net, prior_scale=DEFAULTS.prior_scale, kl_weight=1.0):
+def model(x_data, y_data=None, num_data=None, *, net, prior_scale=None, kl_weight=DEFAULTS.kl_weight):
     """x_data: (B, 784); y_data: (B,) or None; num_data: training-set size. Returns logits (B, 10).
+
+    prior_scale: the prior's std (None: net.prior_scale). kl_weight: as everywhere in this
+    file, the default objective, DEFAULTS.kl_weight (see make_svi); 1.0 is the article's ELBO.
 
     The data plate scales the minibatch log-likelihood by num_data / B, so the ELBO of one
     minibatch estimates the full-data ELBO: the KL is counted once per data set, not once
     per batch as in the article (469x too heavy there). kl_weight scales the prior's (and
     the guide's) log-densities, so the ELBO's KL term is multiplied by it.
     """
+    prior_scale = net.prior_scale if prior_scale is None else prior_scale
     weights = {}
     with poutine.scale(scale=kl_weight):
         for name, loc in net.loc.items():
@@ -205,8 +225,12 @@ def model(x_data, y_data=None, num_data=None, *, net, prior_scale=DEFAULTS.prior
 # 4. The guide: mean-field Normal, q(w) = prod N(loc, softplus(rho)), as in the article.
 
 
-def guide(x_data=None, y_data=None, num_data=None, *, net, kl_weight=1.0):
-    """Samples every weight from q; returns {name: weight}. Same signature as the model."""
+def guide(x_data=None, y_data=None, num_data=None, *, net, kl_weight=DEFAULTS.kl_weight):
+    """Samples every weight from q; returns {name: weight}.
+
+    The model's arguments but the prior's (the guide has no prior); kl_weight must be the
+    model's, so that log q - log p is weighted alike.
+    """
     register(net)  # pyro.module: net.loc and net.rho become the Pyro params SVI optimises
     with poutine.scale(scale=kl_weight):  # as in the model: log q - log p weighted alike
         return {name: pyro.sample(name, net.q(name)) for name in net.loc}
@@ -216,9 +240,14 @@ def guide(x_data=None, y_data=None, num_data=None, *, net, kl_weight=1.0):
 # 5. The optimizer and SVI.
 
 
-def make_svi(net, lr, lr_decay=1.0, prior_scale=DEFAULTS.prior_scale, elbo=DEFAULTS.elbo,
+def make_svi(net, lr, lr_decay=1.0, prior_scale=None, elbo=DEFAULTS.elbo,
              scale_lr_factor=DEFAULTS.scale_lr_factor, kl_weight=DEFAULTS.kl_weight):
     """SVI with Adam; lr_decay multiplies the learning rate at every step.
+
+    The objective is the ELBO with its KL term weighted by kl_weight (DEFAULTS.kl_weight,
+    0.003: a tempered posterior; 1.0 is the article's ELBO), the same default as model,
+    guide and train:  E_q[log p(D | w)] - kl_weight * KL(q(w) || p(w)).
+    prior_scale: None uses net.prior_scale.
 
     ClippedAdam is Adam with that per-step decay kept in its own state, so a resumed run
     decays exactly like an uninterrupted one; clipping is off (clip_norm=inf).
@@ -258,27 +287,36 @@ def train_epoch(svi, x_train, y_train, batch_size, state, steps, after_step=None
 
 
 def train(net, x_train, y_train, *, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.batch_size, lr=DEFAULTS.lr,
-          lr_decay=DEFAULTS.lr_decay, scale_lr_factor=DEFAULTS.scale_lr_factor, prior_scale=DEFAULTS.prior_scale,
-          kl_weight=DEFAULTS.kl_weight, elbo=DEFAULTS.elbo, max_batches=None, validate=False, progress=True,
-          log=print, **plumbing):
+          lr_decay=DEFAULTS.lr_decay, scale_lr_factor=DEFAULTS.scale_lr_factor, prior_scale=None,
+          kl_weight=DEFAULTS.kl_weight, elbo=DEFAULTS.elbo, max_batches=None, x_val=None, validate=False,
+          progress=True, log=print, **plumbing):
     """Fit net's posterior by SVI; returns {"losses": per-epoch -ELBO per example, "train_seconds"}.
 
-    Pyro's param store is used only inside this call (a scope of its own), so nothing
-    trained here leaks into other nets. `plumbing` (checkpoint_path, settings,
-    resume_state, stop_requested) is handled by TrainingRun (Part IV).
+    prior_scale: None keeps net.prior_scale; a number sets it. x_val: held-out images
+    (N, 784), never trained on (e.g. from `holdout_split`); when given, the default
+    refusal rule is fitted on them and kept as net.rule (Part II, `refusal_rule`), so
+    `predict_or_abstain(x, net)` and `save_guide` use it. Pyro's param store is used only
+    inside this call (a scope of its own), so nothing trained here leaks into other nets.
+    `plumbing` (checkpoint_path, settings, resume_state, stop_requested) is handled by
+    TrainingRun (Part IV).
     """
+    if prior_scale is not None:
+        net.prior_scale = prior_scale
     steps = math.ceil(len(x_train) / batch_size)
     steps = min(steps, max_batches) if max_batches else steps
     # lr_decay per epoch, applied smoothly at every step; it does not depend on `epochs`,
     # so 3 epochs and then 2 more with --resume are exactly 5 epochs.
-    svi, optim = make_svi(net, lr, lr_decay ** (1 / steps), prior_scale, elbo, scale_lr_factor, kl_weight)
+    svi, optim = make_svi(net, lr, lr_decay ** (1 / steps), net.prior_scale, elbo, scale_lr_factor, kl_weight)
     run = TrainingRun(net, optim, steps, epochs, progress, log, **plumbing)
     with pyro.get_param_store().scope(), pyro.validation_enabled(validate), run.reporting_nan():
         state = run.start()
         while state["epoch"] < epochs:
             loss = train_epoch(svi, x_train, y_train, batch_size, state, steps, run.after_step)
             run.end_epoch(loss)
-    return run.finish()
+    result = run.finish()
+    if x_val is not None:
+        net.rule = refusal_rule(x_val, net)
+    return result
 
 
 # -----------------------------------------------------------------------------
@@ -326,8 +364,9 @@ def predict(x, net, num_samples=DEFAULTS.num_samples):
     return predict_prob(x, net, num_samples).argmax(-1)
 
 
-def predictive_prob(x, net, num_samples=DEFAULTS.num_samples):
-    """The same predictive with Pyro's own tool: Predictive runs the guide, then the model.
+def pyro_predictive_prob(x, net, num_samples=DEFAULTS.num_samples):
+    """A demonstration of Pyro's own tool, `Predictive` (guide, then model): the same (B, 10)
+    posterior predictive as predict_prob, computed the Pyro way.
 
     A demonstration: it draws all num_samples weight sets at once (S x 814k floats at the
     defaults), where sample_probs bounds its memory.
@@ -419,10 +458,14 @@ def refusal_rule(x_val, net, measure=DEFAULTS.measure, quantile=DEFAULTS.refuse_
     """When to say "I don't know": {measure: threshold}, each a quantile over held-out images.
 
     `measure` above its `quantile`, or (unless ambiguity_quantile is 0) expected entropy
-    above its own quantile. x_val: images the net was not trained on, (N, 784).
+    above its own quantile. When `measure` is expected entropy itself, that second half
+    would be the same test: `quantile` alone sets it. x_val: images the net was not
+    trained on, (N, 784).
     """
     u = uncertainty(sample_probs(x_val, net, num_samples))
-    quantiles = {measure: quantile} | ({"expected_entropy": ambiguity_quantile} if ambiguity_quantile else {})
+    quantiles = {measure: quantile}
+    if ambiguity_quantile and measure != "expected_entropy":
+        quantiles["expected_entropy"] = ambiguity_quantile
     return thresholds(u, quantiles)
 
 
@@ -1136,8 +1179,13 @@ def save_checkpoint(path, settings, net, optim, state):
                  "optim": optim.get_state(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, **state}, path)
 
 
-def save_guide(path, net, prior_scale=DEFAULTS.prior_scale, rule=None):
-    """The trained posterior, the settings to rebuild the BNN and its refusal rule."""
+def save_guide(path, net, prior_scale=None, rule=None):
+    """The trained posterior, the settings to rebuild the BNN and its refusal rule.
+
+    prior_scale and rule default to the net's own (net.prior_scale, net.rule).
+    """
+    prior_scale = net.prior_scale if prior_scale is None else prior_scale
+    rule = getattr(net, "rule", None) if rule is None else rule
     settings = net_settings(net, prior_scale) | {"rule": rule}
     atomic_save({"format": GUIDE_FORMAT, "settings": settings, "net": net.state_dict()}, path)
 
@@ -1168,7 +1216,7 @@ def load_guide(path, device="cpu"):
     """A BNN rebuilt from a saved guide, holding its posterior (and its refusal rule, net.rule)."""
     obj = _load(path, GUIDE_FORMAT, device)
     s = obj["settings"]
-    net = BNN(s["input_size"], s["hidden_size"], s["output_size"]).to(device)
+    net = BNN(s["input_size"], s["hidden_size"], s["output_size"], prior_scale=s["prior_scale"]).to(device)
     load_net_state(net, obj["net"], path)
     net.rule = s.get("rule")
     return net
@@ -1352,12 +1400,10 @@ def split_data(cfg, device):
     """
     x, y = load_mnist(cfg.data_dir, train=True)
     x_test, y_test = load_mnist(cfg.data_dir, train=False)
-    if cfg.val_size >= len(x):
-        raise SettingsError(f"--val-size {cfg.val_size} leaves no training images (the set has {len(x)})")
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
-    val, tr = perm[: cfg.val_size], perm[cfg.val_size :]
-    tr = tr[: cfg.train_subset] if cfg.train_subset else tr
-    return [t.to(device) for t in (x[tr], y[tr], x[val], y[val], x_test, y_test)]
+    x_tr, y_tr, x_val, y_val = holdout_split(x, y, cfg.val_size)
+    if cfg.train_subset:
+        x_tr, y_tr = x_tr[: cfg.train_subset], y_tr[: cfg.train_subset]
+    return [t.to(device) for t in (x_tr, y_tr, x_val, y_val, x_test, y_test)]
 
 
 def resume_state_for(cfg, net, settings, ckpt_path, device):
@@ -1392,7 +1438,7 @@ def run(cfg):
     print(f"data: {len(x_train)} training, {len(x_val)} held-out, {len(x_test)} test images from "
           f"{cfg.data_dir}; device {device}")
 
-    net = BNN(784, cfg.hidden_size, CLASSES, cfg.init_scale).to(device)
+    net = BNN(784, cfg.hidden_size, CLASSES, cfg.init_scale, cfg.prior_scale).to(device)
     settings = net_settings(net, cfg.prior_scale) | {k: getattr(cfg, k) for k in TRAINING_SETTINGS}
     settings["device"] = device.type  # the RNG streams differ: resume on the same kind of device
     ckpt_path = out / "checkpoint.pt"

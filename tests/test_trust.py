@@ -135,7 +135,7 @@ def test_library_functions_make_nothing_on_the_default_device():
         u = bm.uncertainty(probs)["mutual_information"]
         correct = probs.mean(0).argmax(1) == y
         results = [probs, u, *bm.accuracy_coverage_curve(u, correct), *bm.calibration_bins(probs.mean(0), y),
-                   bm.predict_or_abstain(x, net, {"mutual_information": 0.1}), bm.predictive_prob(x[:3], net, 4)]
+                   bm.predict_or_abstain(x, net, {"mutual_information": 0.1}), bm.pyro_predictive_prob(x[:3], net, 4)]
         numbers = [bm.auroc(u[:20], u[20:]), bm.evaluate(probs.mean(0), y)["ece"],
                    bm.abstention(u > 0.1, correct)["coverage"], *bm.refusal_rule(x, net, num_samples=4).values()]
     assert all(t.device.type == "cpu" for t in results)

@@ -1,0 +1,99 @@
+"""The API a notebook user holds: one objective, settings that survive a round trip, a
+held-out split and a refusal rule without a Config, and each option doing what it says."""
+
+import inspect
+
+import pyro
+import pytest
+import torch
+
+import bnn_mnist as bm
+from conftest import ready_net
+
+H = 16
+
+
+def test_model_guide_make_svi_and_train_share_one_default_objective():
+    defaults = {f.__name__: inspect.signature(f).parameters["kl_weight"].default
+                for f in (bm.model, bm.guide, bm.make_svi, bm.train)}
+    assert defaults == dict.fromkeys(defaults, bm.DEFAULTS.kl_weight), defaults
+
+
+def test_model_and_guide_called_alone_weight_the_kl_by_the_default(small_data):
+    """log p(w) - log q(w) of one trace pair, by hand, against Trace_ELBO's estimate with the same draws."""
+    x, y, _, _ = small_data
+    net = ready_net(H, init_scale=0.3)
+    guide_tr = pyro.poutine.trace(bm.guide).get_trace(x[:8], y[:8], 600, net=net)
+    model_tr = pyro.poutine.trace(pyro.poutine.replay(bm.model, trace=guide_tr)).get_trace(x[:8], y[:8], 600, net=net)
+    model_tr.compute_log_prob()
+    guide_tr.compute_log_prob()
+    kl_sites = [n for n in net.loc]
+    weighted = sum(model_tr.nodes[n]["scale"] * (model_tr.nodes[n]["log_prob_sum"] - guide_tr.nodes[n]["log_prob_sum"])
+                   for n in kl_sites)
+    raw = sum(model_tr.nodes[n]["log_prob_sum"] - guide_tr.nodes[n]["log_prob_sum"] for n in kl_sites)
+    assert all(model_tr.nodes[n]["scale"] == bm.DEFAULTS.kl_weight for n in kl_sites)
+    assert torch.allclose(weighted, bm.DEFAULTS.kl_weight * raw)
+
+
+def test_expected_entropy_measure_obeys_refuse_quantile(small_data):
+    _, _, xt, _ = small_data
+    net = ready_net(H, init_scale=0.5)
+    pyro.set_rng_seed(1)
+    rule = bm.refusal_rule(xt, net, "expected_entropy", quantile=0.9, ambiguity_quantile=0.965, num_samples=8)
+    assert list(rule) == ["expected_entropy"]
+    pyro.set_rng_seed(1)
+    ee = bm.uncertainty(bm.sample_probs(xt, net, 8))["expected_entropy"]
+    assert rule["expected_entropy"] == pytest.approx(float(torch.quantile(ee.double(), 0.9)))
+    assert float(bm.refuses({"expected_entropy": ee}, rule).float().mean()) == pytest.approx(0.1, abs=0.01)
+
+
+def test_other_measures_keep_both_halves_of_the_rule(small_data):
+    _, _, xt, _ = small_data
+    net = ready_net(H, init_scale=0.5)
+    rule = bm.refusal_rule(xt, net, "mutual_information", 0.9, 0.8, num_samples=8)
+    assert set(rule) == {"mutual_information", "expected_entropy"}
+    assert set(bm.refusal_rule(xt, net, "max_prob", 0.9, 0, num_samples=8)) == {"max_prob"}
+
+
+def test_load_guide_restores_prior_scale_and_rule(tmp_path):
+    net = ready_net(H)
+    net.prior_scale = 0.25
+    net.rule = {"mutual_information": 0.01}
+    bm.save_guide(tmp_path / "guide.pt", net)
+    loaded = bm.load_guide(tmp_path / "guide.pt")
+    assert loaded.prior_scale == 0.25 and loaded.rule == {"mutual_information": 0.01}
+    trace = pyro.poutine.trace(bm.model).get_trace(torch.rand(2, 784), None, 10, net=loaded)
+    assert float(trace.nodes["fc1_weight"]["fn"].base_dist.scale.max()) == 0.25  # the model uses it
+
+
+def test_train_sets_the_prior_it_was_given_and_keeps_it_otherwise(small_data):
+    x, y, _, _ = small_data
+    net = bm.BNN(784, H, 10, prior_scale=0.5)
+    bm.train(net, x[:64], y[:64], epochs=1, batch_size=64, progress=False, log=lambda *a: None)
+    assert net.prior_scale == 0.5
+    bm.train(net, x[:64], y[:64], epochs=1, batch_size=64, prior_scale=2.0, progress=False, log=lambda *a: None)
+    assert net.prior_scale == 2.0
+
+
+def test_holdout_split_and_train_with_x_val_give_a_rule_without_a_config(small_data):
+    x, y, xt, _ = small_data
+    x_tr, y_tr, x_val, y_val = bm.holdout_split(x, y, 100)
+    assert (len(x_tr), len(x_val)) == (len(x) - 100, 100)
+    # disjoint, and together the whole set: every index lands on exactly one side, labels follow
+    idx = torch.arange(len(x))
+    i_tr, l_tr, i_val, l_val = bm.holdout_split(idx, idx * 10, 100)
+    assert torch.equal(torch.cat([i_tr, i_val]).sort().values, idx) and torch.equal(l_val, i_val * 10)
+    assert torch.equal(bm.holdout_split(x, y, 100)[2], x_val)  # a fixed draw
+    net = bm.BNN(784, H, 10)
+    pyro.set_rng_seed(0)
+    bm.train(net, x_tr, y_tr, epochs=1, batch_size=64, x_val=x_val, progress=False, log=lambda *a: None)
+    assert set(net.rule) == {bm.DEFAULTS.measure, "expected_entropy"}
+    answer = bm.predict_or_abstain(xt, net)
+    assert answer.shape == (len(xt),) and (answer == -1).any() and (answer >= 0).any()
+
+
+@pytest.mark.parametrize("size", [-1, 600, 601])
+def test_holdout_split_refuses_sizes_that_leave_nothing(small_data, size):
+    x, y, _, _ = small_data
+    with pytest.raises(bm.SettingsError, match=r"val_size .* must lie in \[0, 600\)"):
+        bm.holdout_split(x, y, size)
