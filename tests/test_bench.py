@@ -31,7 +31,10 @@ def test_baselines_print_the_side_by_side_table(data_dir, capsys):
     assert "| system | accuracy | nll | ece | AUROC noise | refused MNIST | refused noise |" in text
     assert set(rows) == {"plain MLP (max_prob)", f"bnn_mnist defaults ({bm.DEFAULTS.measure})"}
     for row in rows.values():
-        assert 0.8 < row["accuracy"] <= 1 and 0 <= row["refused MNIST"] <= 0.2 and 0 <= row["AUROC noise"] <= 1
+        assert 0.7 < row["accuracy"] <= 1 and 0 <= row["refused MNIST"] <= 0.2
+    bnn = rows[f"bnn_mnist defaults ({bm.DEFAULTS.measure})"]
+    # noise must score above the digits, and be refused far more often than they are
+    assert bnn["AUROC noise"] > 0.9 and bnn["refused noise"] > bnn["refused MNIST"] + 0.3
 
 
 def test_refusal_frontier_refuses_the_most_uncertain_and_reports_both_splits(data_dir, tmp_path, capsys):

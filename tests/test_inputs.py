@@ -66,6 +66,19 @@ SHAPES = st.one_of(
 VALUES = st.sampled_from(["unit", "pixels", "negative", "nan", "inf", "zeros"])
 
 
+def valid_images(x):
+    """The promise, decided independently: (B, 784), (B, 28, 28) or (B, 1, 28, 28) with B > 0,
+    and either uint8 or float in [0, 1] without NaN."""
+    shape_ok = x.shape[:1] != (0,) and tuple(x.shape[1:]) in ((784,), (28, 28), (1, 28, 28))
+    if not shape_ok:
+        return False
+    if x.dtype == torch.uint8:
+        return True
+    values = x.double().numpy()
+    return x.dtype in (torch.float16, torch.float32, torch.float64) and not np.isnan(values).any() \
+        and values.min() >= 0 and values.max() <= 1
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=SHAPES, dtype=st.sampled_from(DTYPES), values=VALUES, seed=st.integers(0, 2**16))
 def test_predict_prob_returns_probabilities_or_raises_value_error(net, shape, dtype, values, seed):
@@ -74,10 +87,18 @@ def test_predict_prob_returns_probabilities_or_raises_value_error(net, shape, dt
          "negative": -torch.rand(shape, generator=g) - 0.01, "nan": torch.full(shape, float("nan")),
          "inf": torch.full(shape, float("inf")), "zeros": torch.zeros(shape)}[values]
     x = x.to(dtype)
-    try:
-        probs = bm.predict_prob(x, net, 3)
-    except ValueError:
+    if not valid_images(x):
+        with pytest.raises(ValueError):
+            bm.to_images(x)
+        with pytest.raises(ValueError):
+            bm.predict_prob(x, net, 3)
         return
+    converted = bm.to_images(x)
+    flat = x.reshape(shape[0], 784)
+    expected = flat.float() / 255 if dtype == torch.uint8 else flat.float()
+    assert converted.dtype == torch.float32 and torch.equal(converted, expected)
+    assert torch.equal(bm.to_images(x.numpy()), expected)  # NumPy arrays alike
+    probs = bm.predict_prob(x, net, 3)
     assert probs.shape == (shape[0], 10)
     assert torch.isfinite(probs).all() and (probs >= 0).all()
     assert torch.allclose(probs.sum(-1), torch.ones(shape[0]), atol=1e-5)

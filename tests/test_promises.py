@@ -1,0 +1,333 @@
+"""The promises of the docstrings, --help and README, each against a known answer: numbers
+worked out by hand, the documented defaults, each flag's accepted and refused values, exit
+codes, and the round trips of the refusal rule and the prior."""
+
+import math
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+import bnn_mnist as bm
+from conftest import TINY, ready_net
+
+H = 8
+
+
+# -----------------------------------------------------------------------------
+# Defaults: written once in Config, read by argparse, shown by --help (README's table)
+
+
+def test_the_documented_defaults():
+    expected = dict(data_dir="data", out_dir="out", epochs=5, batch_size=128, lr=3e-3, lr_decay=0.5,
+                    scale_lr_factor=10.0, hidden_size=1024, prior_scale=1.0, kl_weight=0.003, init_scale=1e-3,
+                    elbo="trace", num_samples=10, unc_samples=100, measure="mutual_information", threshold=None,
+                    refuse_quantile=0.98, ambiguity_quantile=0.965, val_size=5000, ood="fashion,notmnist,noise",
+                    noise_count=2000, seed=0, device="auto", max_batches=None, train_subset=None, resume=False,
+                    no_plots=False)
+    cfg = bm.parse_args([])
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert {k: getattr(bm.DEFAULTS, k) for k in expected} == expected
+
+
+def test_help_shows_each_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        bm.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    for shown in ("(default: 0.003)", "(default: 0.5)", "(default: 10.0)", "(default: 0.98)", "(default: 0.965)",
+                  "(default: 5000)", "(default: mutual_information)", "(default: fashion,notmnist,noise)",
+                  "(default: trace)", "(default: 128)", "(default: 1024)"):
+        assert shown in text, shown
+    assert "(default: None)" not in text and "(default: False)" not in text  # explained in words instead
+
+
+def test_library_defaults_follow_the_config():
+    import inspect
+
+    def default(f, name):
+        return inspect.signature(f).parameters[name].default
+
+    assert default(bm.predict_prob, "num_samples") == default(bm.predict, "num_samples") == 10
+    assert default(bm.sample_probs, "num_samples") == 10 and default(bm.sample_probs, "max_elements") == 2**25
+    assert default(bm.predict_or_abstain, "num_samples") == default(bm.refusal_rule, "num_samples") == 100
+    assert default(bm.refusal_rule, "measure") == "mutual_information"
+    assert (default(bm.refusal_rule, "quantile"), default(bm.refusal_rule, "ambiguity_quantile")) == (0.98, 0.965)
+    assert default(bm.holdout_split, "val_size") == 5000 and default(bm.holdout_split, "seed") == 1234
+    t = default(bm.train, "epochs"), default(bm.train, "batch_size"), default(bm.train, "lr"), default(bm.train, "lr_decay")
+    assert t == (5, 128, 3e-3, 0.5) and default(bm.train, "scale_lr_factor") == 10.0
+    assert default(bm.make_svi, "scale_lr_factor") == 10.0 and default(bm.make_svi, "elbo") == "trace"
+    assert default(bm.BNN, "init_scale") == 1e-3 and default(bm.BNN, "prior_scale") == 1.0
+    assert default(bm.calibration_bins, "bins") == default(bm.expected_calibration_error, "bins") == 15
+
+
+# -----------------------------------------------------------------------------
+# Each flag's accepted and refused values (exit code 2, one argparse line)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--refuse-quantile", "0.5"], ["--refuse-quantile", "0.999"], ["--ambiguity-quantile", "0"],
+    ["--ambiguity-quantile", "0.99"], ["--threshold", "0"], ["--threshold", "2.302"],
+    ["--measure", "max_prob", "--threshold", "0.9"], ["--measure", "expected_entropy", "--threshold", "2.3"],
+    ["--val-size", "0", "--threshold", "0.1", "--ambiguity-quantile", "0"], ["--val-size", "1"],
+    ["--lr", "1e-9"], ["--max-batches", "1"], ["--ood", "none"],
+])
+def test_values_on_the_edge_are_accepted(flags):
+    bm.parse_args(flags)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--refuse-quantile", "0"], "argument --refuse-quantile: must lie strictly between 0 and 1, got 0"),
+    (["--refuse-quantile", "1"], "argument --refuse-quantile: must lie strictly between 0 and 1, got 1"),
+    (["--ambiguity-quantile", "1"], "argument --ambiguity-quantile: must lie in [0, 1), got 1"),
+    (["--ambiguity-quantile", "-0.1"], "argument --ambiguity-quantile: must lie in [0, 1), got -0.1"),
+    (["--threshold", "2.31"], "argument --threshold: mutual_information lies in [0, 2.303], got 2.31"),
+    (["--threshold", "-0.01"], "argument --threshold: mutual_information lies in [0, 2.303], got -0.01"),
+    (["--measure", "max_prob", "--threshold", "0.91"], "argument --threshold: max_prob lies in [0, 0.9], got 0.91"),
+    (["--val-size", "-1"], "argument --val-size: must be >= 0, got -1"),
+    (["--val-size", "0"], "argument --val-size: 0 holds nothing out to set the thresholds"),
+    (["--val-size", "0", "--threshold", "0.1"], "give --threshold and --ambiguity-quantile 0"),
+    (["--val-size", "0", "--ambiguity-quantile", "0"], "give --threshold and --ambiguity-quantile 0"),
+    (["--lr", "inf"], "argument --lr: must be > 0, got inf"),
+    (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+    (["--prior-scale", "-1"], "argument --prior-scale: must be > 0, got -1"),
+    (["--kl-weight", "0"], "argument --kl-weight: must be > 0, got 0"),
+    (["--max-batches", "1.5"], "argument --max-batches: not an integer: '1.5'"),
+    (["--lr", "fast"], "argument --lr: not a number: 'fast'"),
+    (["--ood", "noise,cifar,svhn"], "argument --ood: unknown set(s) cifar, svhn (choose from"),
+    (["--elbo", "exact"], "argument --elbo: invalid choice: 'exact'"),
+])
+def test_refused_values_exit_2_with_one_message(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bm.parse_args(flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, sets", [("none", ""), (" noise , fashion ", "noise,fashion"), ("notmnist,", "notmnist"),
+                                        ("fashion,notmnist,noise", "fashion,notmnist,noise")])
+def test_ood_list_is_parsed(text, sets):
+    assert bm.parse_args(["--ood", text]).ood == sets
+
+
+def test_training_kwargs_hand_every_training_flag_to_train():
+    cfg = bm.parse_args(["--epochs", "2", "--batch-size", "3", "--lr", "0.1", "--lr-decay", "0.2", "--scale-lr-factor",
+                         "4", "--prior-scale", "0.3", "--kl-weight", "0.7", "--elbo", "meanfield", "--max-batches", "9"])
+    assert bm.training_kwargs(cfg) == dict(epochs=2, batch_size=3, lr=0.1, lr_decay=0.2, scale_lr_factor=4.0,
+                                           prior_scale=0.3, kl_weight=0.7, elbo="meanfield", max_batches=9)
+
+
+# -----------------------------------------------------------------------------
+# Exit codes and what is kept
+
+
+def test_ctrl_c_outside_training_exits_130_and_keeps_metrics(tmp_path, data_dir, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bm, "uncertainty_report", interrupted)
+    with pytest.raises(SystemExit) as e:
+        bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip() == f"interrupted; what was already written to {tmp_path} is kept"
+    import json
+    m = json.loads((tmp_path / "metrics.json").read_text())  # the forced prediction, written before
+    assert m["epochs"] == 1 and 0 <= m["test_accuracy"] <= 1 and "calibration" not in m
+    assert (tmp_path / "guide.pt").exists()
+
+
+def test_an_interrupted_run_exits_128_plus_the_signal(tmp_path, data_dir, monkeypatch, capsys):
+    def stopped(*a, **k):
+        raise bm.Interrupted("interrupted at epoch 1 step 2", 15)
+
+    monkeypatch.setattr(bm, "train", stopped)
+    with pytest.raises(SystemExit) as e:
+        bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY])
+    assert e.value.code == 143
+    assert capsys.readouterr().err.strip() == (f"interrupted at epoch 1 step 2; checkpoint saved to "
+                                               f"{tmp_path / 'checkpoint.pt'}: run again with --resume to continue")
+
+
+def test_a_val_size_as_big_as_the_training_set_is_an_error_exit_1(tmp_path, data_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), *TINY, "--val-size", "600"])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip() == "error: val_size 600 must lie in [0, 600): the set has 600 images"
+
+
+# -----------------------------------------------------------------------------
+# Metrics by hand
+
+
+def test_brier_nll_accuracy_by_hand_on_two_images():
+    probs = torch.tensor([[0.7, 0.2, 0.1] + [0.0] * 7, [0.1, 0.6, 0.3] + [0.0] * 7])
+    y = torch.tensor([0, 2])
+    m = bm.evaluate(probs, y)
+    # image 1: (0.3^2 + 0.2^2 + 0.1^2) = 0.14; image 2: (0.1^2 + 0.6^2 + 0.7^2) = 0.86
+    assert m["brier"] == pytest.approx((0.14 + 0.86) / 2)
+    assert m["nll"] == pytest.approx(-(math.log(0.7) + math.log(0.3)) / 2)
+    assert m["accuracy"] == 0.5
+    # ECE, 15 bins: 0.7 in bin 10 (right), 0.6 in bin 9 (wrong): (|1 - 0.7| + |0 - 0.6|) / 2
+    assert m["ece"] == pytest.approx((0.3 + 0.6) / 2)
+
+
+def test_ece_by_hand_on_three_bins():
+    conf = torch.tensor([0.95, 0.95, 0.55, 0.55, 0.55, 0.25])
+    right = torch.tensor([True, False, True, True, False, True])
+    y = torch.where(right, 0, 1)
+    probs = torch.zeros(6, 10)
+    probs[:, 0] = conf
+    probs[:, 2:] = ((1 - conf) / 8)[:, None]  # class 1 (the wrong answer) gets nothing
+    # three occupied 15-bins: {0.95}: acc 1/2 conf 0.95; {0.55}: acc 2/3 conf 0.55; {0.25}: acc 1 conf 0.25
+    expected = 2 / 6 * abs(0.5 - 0.95) + 3 / 6 * abs(2 / 3 - 0.55) + 1 / 6 * abs(1 - 0.25)
+    assert bm.expected_calibration_error(probs, y) == pytest.approx(expected)
+    count, mean_conf, acc = bm.calibration_bins(probs, y)
+    assert count[[14, 8, 3]].tolist() == [2, 3, 1] and count.sum() == 6
+    assert acc[8].item() == pytest.approx(2 / 3) and mean_conf[3].item() == pytest.approx(0.25)
+    # 10 bins put 0.55 and 0.95 in other bins but give the same ECE here; 2 bins merge 0.55 and 0.95
+    merged = 5 / 6 * abs(3 / 5 - (2 * 0.95 + 3 * 0.55) / 5) + 1 / 6 * abs(1 - 0.25)
+    assert bm.expected_calibration_error(probs, y, bins=2) == pytest.approx(merged)
+
+
+def test_auroc_counts_pairs():
+    rng = np.random.default_rng(0)
+    score_in = np.round(rng.random(40), 1)  # many ties
+    score_out = np.round(rng.random(30) + 0.3, 1)
+    pairs = ((score_out[None] > score_in[:, None]) + 0.5 * (score_out[None] == score_in[:, None])).mean()
+    assert bm.auroc(torch.tensor(score_in), torch.tensor(score_out)) == pytest.approx(pairs)
+    assert bm.auroc(torch.tensor(score_out), torch.tensor(score_in)) == pytest.approx(1 - pairs)
+    # a small table: in (0.1, 0.4, 0.4), out (0.4, 0.5): pairs 1 + 0.5 + 0.5 + 1 + 1 + 1 = 5 of 6
+    assert bm.auroc(torch.tensor([0.1, 0.4, 0.4]), torch.tensor([0.4, 0.5])) == pytest.approx(5 / 6)
+
+
+def test_thresholds_are_numpy_quantiles_and_refuse_that_fraction():
+    u = {"mutual_information": torch.rand(1000, generator=torch.Generator().manual_seed(0)),
+         "expected_entropy": torch.rand(1000, generator=torch.Generator().manual_seed(1))}
+    rule = bm.thresholds(u, {"mutual_information": 0.9, "expected_entropy": 0.3})
+    assert rule == {"mutual_information": pytest.approx(np.quantile(u["mutual_information"].double().numpy(), 0.9)),
+                    "expected_entropy": pytest.approx(np.quantile(u["expected_entropy"].double().numpy(), 0.3))}
+    assert float(bm.refuses({"mutual_information": u["mutual_information"]},
+                            {"mutual_information": rule["mutual_information"]}).float().mean()) == pytest.approx(0.1)
+    both = bm.refuses(u, rule).numpy()
+    assert both.mean() == pytest.approx(((u["mutual_information"] > rule["mutual_information"])
+                                         | (u["expected_entropy"] > rule["expected_entropy"])).float().mean().item())
+
+
+def test_accuracy_coverage_curve_accepts_the_most_certain_first():
+    score = torch.tensor([0.5, 0.1, 0.3, 0.2])
+    correct = torch.tensor([False, True, False, True])
+    cov, acc = bm.accuracy_coverage_curve(score, correct)
+    # order by score: 0.1 (right), 0.2 (right), 0.3 (wrong), 0.5 (wrong)
+    assert cov.tolist() == [0.25, 0.5, 0.75, 1.0] and acc.tolist() == pytest.approx([1, 1, 2 / 3, 0.5])
+
+
+def test_abstention_of_a_rule_by_hand():
+    refused = torch.tensor([True, False, False, False, True])
+    correct = torch.tensor([False, True, False, True, True])
+    a = bm.abstention(refused, correct)
+    assert a == {"coverage": 0.6, "refused": pytest.approx(0.4), "accuracy_accepted": pytest.approx(2 / 3)}
+
+
+def test_uncertainty_of_two_samples_by_hand():
+    p = torch.tensor([[[0.5, 0.5] + [0.0] * 8], [[1.0, 0.0] + [0.0] * 8]])  # (2, 1, 10)
+    u = bm.uncertainty(p)
+    mean = [0.75, 0.25]
+    pe = -sum(q * math.log(q) for q in mean)
+    ee = (math.log(2) + 0) / 2
+    assert u["predictive_entropy"].item() == pytest.approx(pe)
+    assert u["expected_entropy"].item() == pytest.approx(ee)
+    assert u["mutual_information"].item() == pytest.approx(pe - ee)
+    assert u["max_prob"].item() == pytest.approx(0.25)
+
+
+# -----------------------------------------------------------------------------
+# The refusal rule, the prior and the held-out split: round trips
+
+
+def test_expected_entropy_rule_uses_its_own_quantile_not_the_ambiguity_one(small_data):
+    _, _, xt, _ = small_data
+    net = ready_net(H, init_scale=0.5)
+    pyro.set_rng_seed(3)
+    rule = bm.refusal_rule(xt, net, "expected_entropy", quantile=0.5, ambiguity_quantile=0.99, num_samples=6)
+    pyro.set_rng_seed(3)
+    ee = bm.uncertainty(bm.sample_probs(xt, net, 6))["expected_entropy"]
+    assert rule == {"expected_entropy": pytest.approx(np.quantile(ee.double().numpy(), 0.5))}
+
+
+def test_refusal_rule_draws_the_samples_it_is_told(small_data):
+    _, _, xt, _ = small_data
+    net = ready_net(H, init_scale=0.5)
+    pyro.set_rng_seed(3)
+    rule = bm.refusal_rule(xt, net, "mutual_information", 0.9, 0.8, num_samples=4)
+    pyro.set_rng_seed(3)
+    u = bm.uncertainty(bm.sample_probs(xt, net, 4))
+    assert rule == {"mutual_information": pytest.approx(np.quantile(u["mutual_information"].double().numpy(), 0.9)),
+                    "expected_entropy": pytest.approx(np.quantile(u["expected_entropy"].double().numpy(), 0.8))}
+    pyro.set_rng_seed(3)
+    default = bm.refusal_rule(xt, net)  # the defaults: 100 samples, 0.98 and 0.965
+    pyro.set_rng_seed(3)
+    u = bm.uncertainty(bm.sample_probs(xt, net, 100))
+    assert default == {"mutual_information": pytest.approx(np.quantile(u["mutual_information"].double().numpy(), 0.98)),
+                       "expected_entropy": pytest.approx(np.quantile(u["expected_entropy"].double().numpy(), 0.965))}
+
+
+def test_train_with_x_val_keeps_the_default_rule_of_those_images(small_data, tmp_path):
+    x, y, xt, _ = small_data
+    x_tr, y_tr, x_val, _ = bm.holdout_split(x, y, 100)
+    pyro.set_rng_seed(0)
+    net = bm.BNN(784, H, 10)
+    bm.train(net, x_tr, y_tr, epochs=1, batch_size=128, x_val=x_val, progress=False, log=lambda *a: None)
+    kept = net.rule
+    # the same rule as refusal_rule's defaults on the held-out images, drawn from the same RNG state
+    pyro.set_rng_seed(0)
+    net2 = bm.BNN(784, H, 10)
+    bm.train(net2, x_tr, y_tr, epochs=1, batch_size=128, progress=False, log=lambda *a: None)
+    assert not hasattr(net2, "rule") or net2.rule is None
+    assert kept == bm.refusal_rule(x_val, net2) and set(kept) == {"mutual_information", "expected_entropy"}
+    bm.save_guide(tmp_path / "g.pt", net)  # the rule travels with the guide
+    loaded = bm.load_guide(tmp_path / "g.pt")
+    assert loaded.rule == kept
+    pyro.set_rng_seed(1)
+    a = bm.predict_or_abstain(xt, loaded)
+    pyro.set_rng_seed(1)
+    assert torch.equal(a, bm.predict_or_abstain(xt, net, kept))
+
+
+def test_the_prior_scale_survives_save_and_load_and_sets_the_loss(tmp_path, small_data):
+    x, y, _, _ = small_data
+    net = ready_net(H, init_scale=0.05)
+    net.prior_scale = 0.1
+    bm.save_guide(tmp_path / "g.pt", net)
+    loaded = bm.load_guide(tmp_path / "g.pt")
+    assert loaded.prior_scale == 0.1
+    # the loaded net's ELBO is the one with its own prior, not the default N(0, 1)
+    losses = {}
+    for name, prior in (("loaded", None), ("explicit", 0.1), ("default", 1.0)):
+        pyro.set_rng_seed(0)
+        svi, _ = bm.make_svi(loaded, 0.01, prior_scale=prior, elbo="meanfield")
+        with pyro.get_param_store().scope():
+            losses[name] = svi.evaluate_loss(x[:32], y[:32], 600)
+    assert losses["loaded"] == losses["explicit"] != losses["default"]
+
+
+def test_make_svi_uses_the_prior_scale_it_is_given():
+    net = bm.BNN(784, H, 10)
+    svi, _ = bm.make_svi(net, 0.01, prior_scale=0.25)
+    with pyro.get_param_store().scope():
+        tr = pyro.poutine.trace(svi.model).get_trace(torch.rand(3, 784), torch.arange(3), 10)
+    assert float(tr.nodes["out_bias"]["fn"].base_dist.scale.max()) == 0.25
+    assert tr.nodes["out_bias"]["scale"] == bm.DEFAULTS.kl_weight  # the default objective
+
+
+def test_the_guide_alone_defaults_to_the_tempered_kl():
+    net = bm.BNN(784, H, 10)
+    with pyro.get_param_store().scope():
+        tr = pyro.poutine.trace(bm.guide).get_trace(net=net)
+    assert all(tr.nodes[k]["scale"] == 0.003 for k in net.loc)
+
+
+def test_init_scale_is_the_guides_starting_std():
+    net = bm.BNN(784, H, 10, init_scale=0.2)
+    for k in net.rho:
+        assert torch.allclose(torch.nn.functional.softplus(net.rho[k]), torch.full_like(net.rho[k], 0.2))
+    assert bm.inverse_softplus(0.2) == pytest.approx(math.log(math.expm1(0.2)))
