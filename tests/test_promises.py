@@ -331,3 +331,14 @@ def test_init_scale_is_the_guides_starting_std():
     for k in net.rho:
         assert torch.allclose(torch.nn.functional.softplus(net.rho[k]), torch.full_like(net.rho[k], 0.2))
     assert bm.inverse_softplus(0.2) == pytest.approx(math.log(math.expm1(0.2)))
+
+
+def test_predict_or_abstain_answers_the_many_sample_class_where_it_accepts():
+    net = ready_net(16, init_scale=2.0)  # samples that disagree a lot
+    x = torch.rand(200, 784, generator=torch.Generator().manual_seed(0))
+    pyro.set_rng_seed(0)
+    answers = bm.predict_or_abstain(x, net, {"max_prob": 1.0}, num_samples=50)  # never refuses
+    pyro.set_rng_seed(0)
+    assert torch.equal(answers, bm.predict(x, net, 50))
+    pyro.set_rng_seed(0)
+    assert (bm.predict(x, net, 1) != answers).float().mean() > 0.1  # one sample's class is another answer
