@@ -76,6 +76,7 @@ class Config:
     scale_lr_factor: float = 10.0  # the guide's scales (rho) learn this many times faster than the means
     hidden_size: int = 1024
     prior_scale: float = 1.0  # the article's Normal(0, 1) prior on every weight
+    prior: str = "normal"  # "normal": N(0, prior_scale) everywhere; "fanin": weights N(0, prior_scale / sqrt(fan_in))
     kl_weight: float = 0.003  # the KL term's weight in the ELBO; 1 is the article's ELBO, < 1 tempers it
     init_scale: float = 1e-3  # guide scales start small: the net starts near its init
     elbo: str = "trace"  # "trace": Trace_ELBO, as in the article; "meanfield": analytic KL
@@ -90,6 +91,8 @@ class Config:
     fashion_dir: str | None = None  # None: DATA_DIR/FashionMNIST/raw, then Debian's folder
     notmnist_dir: str | None = None  # None: DATA_DIR/notMNIST-459
     noise_count: int = 2000
+    shift_size: int = 1000  # test digits per rotated / mirrored / overlaid set (each costs ~2 s per 1000)
+    selective_measure: str = "predictive_entropy"  # which digits to trust first (chosen on held-out digits)
     seed: int = 0
     device: str = "auto"
     max_batches: int | None = None  # smoke runs: cap the minibatches per epoch
@@ -150,16 +153,19 @@ class BNN(nn.Module):
     """The architecture and its mean-field posterior: q(w) = N(loc, softplus(rho)) per weight.
 
     net.loc / net.rho: {"fc1_weight": (H, D), "fc1_bias": (H,), "out_weight": (C, H),
-    "out_bias": (C,)}. net.prior_scale is the std of the model's Normal(0, s) prior on every
-    weight (part of what was trained; saved and restored with it). The means start at nn.Linear's usual init (the article's N(0, 1)
+    "out_bias": (C,)}. net.prior_scale and net.prior say which Normal(0, s) prior the model
+    puts on each weight (`prior_std`; part of what was trained; saved and restored with it). The means start at nn.Linear's usual init (the article's N(0, 1)
     start made the net start as noise), the scales at init_scale. `net(x)` gives the
     logits of the mean network, once trained.
     """
 
     def __init__(self, input_size=784, hidden_size=1024, output_size=10, init_scale=DEFAULTS.init_scale,
-                 prior_scale=DEFAULTS.prior_scale):
+                 prior_scale=DEFAULTS.prior_scale, prior=DEFAULTS.prior):
         super().__init__()
-        self.prior_scale = prior_scale  # the model's prior std; saved with the guide, restored by load_guide
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+        # the model's prior (model, prior_std); saved with the guide, restored by load_guide
+        self.prior_scale, self.prior = prior_scale, prior
         layers = {"fc1": nn.Linear(input_size, hidden_size), "out": nn.Linear(hidden_size, output_size)}
         self.loc = nn.ParameterDict({f"{n}_{k}": p for n, m in layers.items() for k, p in m.named_parameters()})
         rho0 = inverse_softplus(init_scale)
@@ -181,6 +187,18 @@ class BNN(nn.Module):
         return bnn_forward(dict(self.loc), x)
 
 
+PRIORS = ("normal", "fanin")
+
+
+def prior_std(net, name, prior_scale=None):
+    """The prior's std for one weight tensor of net: prior_scale (None: net.prior_scale),
+    divided by sqrt(fan_in) for the weight matrices when net.prior is "fanin" (biases keep it)."""
+    prior_scale = net.prior_scale if prior_scale is None else prior_scale
+    if net.prior == "fanin" and name.endswith("_weight"):
+        return prior_scale / math.sqrt(net.loc[name].shape[-1])
+    return prior_scale
+
+
 def bnn_forward(weights, x):
     """Logits for one weight set, or S of them at once. x: (B, 784).
 
@@ -193,13 +211,14 @@ def bnn_forward(weights, x):
 
 
 # -----------------------------------------------------------------------------
-# 3. The model: p(w) p(y | x, w), Normal(0, prior_scale) on every weight and bias.
+# 3. The model: p(w) p(y | x, w), Normal(0, prior_scale) on every weight and bias (the
+# article), or scaled to each layer's fan-in (--prior fanin).
 
 
 def model(x_data, y_data=None, num_data=None, *, net, prior_scale=None, kl_weight=DEFAULTS.kl_weight):
     """x_data: (B, 784); y_data: (B,) or None; num_data: training-set size. Returns logits (B, 10).
 
-    prior_scale: the prior's std (None: net.prior_scale). kl_weight: as everywhere in this
+    prior_scale: the prior's std (None: net.prior_scale; see prior_std). kl_weight: as everywhere in this
     file, the default objective, DEFAULTS.kl_weight (see make_svi); 1.0 is the article's ELBO.
 
     The data plate scales the minibatch log-likelihood by num_data / B, so the ELBO of one
@@ -207,13 +226,12 @@ def model(x_data, y_data=None, num_data=None, *, net, prior_scale=None, kl_weigh
     per batch as in the article (469x too heavy there). kl_weight scales the prior's (and
     the guide's) log-densities, so the ELBO's KL term is multiplied by it.
     """
-    prior_scale = net.prior_scale if prior_scale is None else prior_scale
     weights = {}
     with poutine.scale(scale=kl_weight):
         for name, loc in net.loc.items():
             zero = loc.new_zeros(())
             # .to_event: a weight matrix is one draw of a (H, D)-shaped random variable
-            prior = dist.Normal(zero, zero + prior_scale).expand(loc.shape).to_event(loc.dim())
+            prior = dist.Normal(zero, zero + prior_std(net, name, prior_scale)).expand(loc.shape).to_event(loc.dim())
             weights[name] = pyro.sample(name, prior)
     logits = bnn_forward(weights, x_data)  # (B, 10)
     with pyro.plate("data", size=num_data or len(x_data), subsample=torch.arange(len(x_data), device=x_data.device)):
@@ -559,6 +577,100 @@ def evaluate(probs, y):
     }
 
 
+# -----------------------------------------------------------------------------
+# Harder questions than "is this a digit at all?". Foreign images (clothes, letters, noise)
+# put ink where digits never do, so a pixel counter with no model in it already spots
+# them (`pixel_rarity`): the control every AUROC is reported beside. The sets below keep
+# the digits' own pixels (near-OOD), shift them gradually (rotation, as in Ovadia et al.
+# 2019, "Can you trust your model's uncertainty?"), or ask which digits to trust at all
+# (selective prediction). All are built from labelled digits: held-out training digits to
+# choose settings, test digits to report.
+
+SHIFT_ANGLES = (0, 15, 30, 45, 60, 90, 135, 180)
+NEAR_OOD = ("rotated 90", "rotated 180", "mirrored", "overlaid")
+
+
+def rotate(x, degrees):
+    """Images (B, 784) turned counter-clockwise by `degrees` about their centre, (B, 784).
+
+    Multiples of 90 degrees move pixels exactly; other angles interpolate bilinearly.
+    """
+    img = x.reshape(-1, 1, 28, 28)
+    if degrees % 90 == 0:
+        return torch.rot90(img, int(degrees // 90) % 4, dims=(2, 3)).reshape(-1, 784)
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    # affine_grid maps output to input coordinates (x right, y down): the inverse rotation
+    theta = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=x.dtype, device=x.device).expand(len(img), 2, 3)
+    grid = F.affine_grid(theta, list(img.shape), align_corners=False)
+    return F.grid_sample(img, grid, align_corners=False).clamp(0, 1).reshape(-1, 784)
+
+
+def mirror(x):
+    """Images (B, 784) flipped left to right."""
+    return x.reshape(-1, 28, 28).flip(-1).reshape(-1, 784)
+
+
+def overlay(x, y, n, seed=0):
+    """n images, each the pixel-wise max of two digits of different classes: (n, 784)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randint(len(x), (2, 4 * n), generator=g).to(x.device)
+    keep = (y[a] != y[b]).nonzero().squeeze(1)[:n]  # (n,): 90% of random pairs differ
+    return torch.maximum(x[a[keep]], x[b[keep]])
+
+
+def shifted_sets(x, y, n=3000, seed=0):
+    """Rotation shift and near-OOD sets from n labelled digits (a fixed draw of x, y).
+
+    Returns (pick, {angle: (n, 784)} for SHIFT_ANGLES, {name: images} for NEAR_OOD): the
+    digits x[pick] (labels y[pick]) are the 0 degree set; the near-OOD rotations are the
+    shift's 90 and 180 degree sets (the same tensors).
+    """
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: min(n, len(x))].to(x.device)
+    shift = {a: rotate(x[pick], a) for a in SHIFT_ANGLES}
+    near = {"rotated 90": shift[90], "rotated 180": shift[180], "mirrored": mirror(x[pick]),
+            "overlaid": overlay(x, y, len(pick), seed + 1)}
+    return pick, shift, near
+
+
+def pixel_rarity(x_train):
+    """The control's table: how often training digits ink each pixel, (784,) in [0, 1]."""
+    return (x_train > 0).float().mean(0)
+
+
+def rarity_score(x, freq):
+    """A model-free OOD score: ink weighted by how rarely digits ink each pixel, (B,)."""
+    return (x / (freq.to(x.device) + 1e-4)).sum(1)
+
+
+def risk_coverage(score, correct, keep=0.95):
+    """Selective prediction by one score (lower = more certain) over (B,) images.
+
+    accuracy_kept: accuracy on the `keep` most certain; aurc: the area under the
+    risk-coverage curve, the mean over k of the error rate of the k most certain
+    (lower is better; 0 when every error is ranked after every right answer).
+    """
+    cov, acc = accuracy_coverage_curve(score, correct)
+    k = max(1, round(keep * len(score)))
+    return {"accuracy_kept": float(acc[k - 1]), "aurc": float((1 - acc).mean())}
+
+
+def shift_report(probs, y):
+    """Accuracy, NLL, ECE and mean mutual information for each angle's (S, n, 10) probs."""
+    return {a: evaluate(p.mean(0), y) | {"mutual_information": float(uncertainty(p)["mutual_information"].mean())}
+            for a, p in probs.items()}
+
+
+def sample_probs_sets(sets, net, num_samples=DEFAULTS.unc_samples):
+    """sample_probs over several sets {name: (N_i, 784)} in one pass: {name: (S, N_i, 10)}.
+
+    The same posterior samples score every set (one draw of the weights, not one per set),
+    so sets are comparable and the weights are sampled once.
+    """
+    names, sizes = list(sets), [len(v) for v in sets.values()]
+    probs = sample_probs(torch.cat([v.to(net.device) for v in sets.values()]), net, num_samples)
+    return dict(zip(names, probs.split(sizes, dim=1)))
+
+
 # =============================================================================
 # Part III. Figures: each builds its own figure, saves it to `path` when given, else
 # shows it in a notebook; returns the figure. matplotlib/seaborn are imported here.
@@ -690,6 +802,49 @@ def plot_examples(x, probs, score, refused, labels=None, path=None, ncols=6):
         if i % ncols == 0:
             bottom.set_ylabel("p over samples", fontsize=8)
     fig.suptitle("Posterior samples per class; red frame: \"I don't know\", green: accepted")
+    return _finish(fig, path)
+
+
+def plot_pixel_scales(net, freq, path=None):
+    """The mechanism: how unsure the posterior is about each input pixel's weights, beside
+    how often training digits ink that pixel.
+
+    Left: the median over the hidden units of the first layer's posterior std (28 x 28).
+    Where digits never put ink, the likelihood says nothing about a weight, so q keeps it
+    wide (toward the prior); ink landing there makes the samples disagree. Right: freq (784,),
+    the fraction of training digits inking each pixel (`pixel_rarity`).
+    """
+    from matplotlib.colors import LogNorm
+
+    scale = F.softplus(net.rho["fc1_weight"].detach()).median(0).values.cpu()  # (784,)
+    fig, axes = _figure(1, 2, figsize=(8.5, 3.9))
+    for ax, image, title, cmap, norm in (
+            (axes[0, 0], scale, "posterior std of the pixel's weights\n(median over hidden units, log scale)",
+             "magma", LogNorm()),
+            (axes[0, 1], freq.cpu(), "fraction of training digits\ninking the pixel", "Greys", None)):
+        shown = ax.imshow(image.reshape(28, 28).numpy(), cmap=cmap, norm=norm)
+        fig.colorbar(shown, ax=ax, shrink=0.85)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+        ax.set_title(title, fontsize=10)
+    return _finish(fig, path)
+
+
+def plot_shift(results, path=None):
+    """Accuracy and ECE against the rotation angle of the test digits, one line per system.
+
+    results: {system: {angle: {"accuracy": ..., "ece": ...}}} (shift_report's dict per system).
+    """
+    fig, axes = _figure(1, 2, figsize=(10, 3.8))
+    for name, by_angle in results.items():
+        angles = [float(a) for a in by_angle]
+        for ax, key in zip(axes[0], ("accuracy", "ece")):
+            ax.plot(angles, [r[key] for r in by_angle.values()], "o-", ms=4, label=name)
+    axes[0, 0].set(xlabel="rotation (degrees)", ylabel="accuracy", ylim=(0, 1.01), title="Accuracy under rotation")
+    axes[0, 1].set(xlabel="rotation (degrees)", ylabel="ECE (15 bins)", ylim=(0, None),
+                   title="Calibration error under rotation")
+    axes[0, 1].legend(fontsize=8, loc="upper left")
     return _finish(fig, path)
 
 
@@ -1169,7 +1324,7 @@ def net_settings(net, prior_scale):
     """What is needed to rebuild the BNN: stored next to its parameters."""
     input_size, hidden_size, output_size = net.sizes
     return {"input_size": input_size, "hidden_size": hidden_size, "output_size": output_size,
-            "prior_scale": prior_scale}
+            "prior_scale": prior_scale, "prior": net.prior}
 
 
 def save_checkpoint(path, settings, net, optim, state):
@@ -1216,7 +1371,8 @@ def load_guide(path, device="cpu"):
     """A BNN rebuilt from a saved guide, holding its posterior (and its refusal rule, net.rule)."""
     obj = _load(path, GUIDE_FORMAT, device)
     s = obj["settings"]
-    net = BNN(s["input_size"], s["hidden_size"], s["output_size"], prior_scale=s["prior_scale"]).to(device)
+    net = BNN(s["input_size"], s["hidden_size"], s["output_size"], prior_scale=s["prior_scale"],
+              prior=s.get("prior", "normal")).to(device)
     load_net_state(net, obj["net"], path)
     net.rule = s.get("rule")
     return net
@@ -1292,6 +1448,9 @@ def build_parser():
                    help="the guide's scales (rho) use this multiple of the learning rate")
     g.add_argument("--hidden-size", type=pos_int, default=d.hidden_size, help="hidden units")
     g.add_argument("--prior-scale", type=pos_float, default=d.prior_scale, help="std of the Normal(0, s) prior")
+    g.add_argument("--prior", choices=PRIORS, default=d.prior,
+                   help="normal: N(0, s) on every weight (the article); fanin: N(0, s / sqrt(fan_in)) on the "
+                        "weight matrices, N(0, s) on the biases")
     g.add_argument("--kl-weight", type=pos_float, default=d.kl_weight,
                    help="weight of the KL term in the ELBO (1: the article's; below 1: a tempered posterior)")
     g.add_argument("--init-scale", type=pos_float, default=d.init_scale, help="initial std of the guide")
@@ -1323,6 +1482,11 @@ def build_parser():
     g.add_argument("--notmnist-dir", default=d.notmnist_dir,
                    help="folder of letter images (default: DATA_DIR/notMNIST-459, fetched there once)")
     g.add_argument("--noise-count", type=pos_int, default=d.noise_count, help="uniform-noise images")
+    g.add_argument("--shift-size", type=pos_int, default=d.shift_size,
+                   help="test digits in each rotated (0-180 degrees), mirrored and overlaid set")
+    g.add_argument("--selective-measure", choices=MEASURES, default=d.selective_measure,
+                   help="measure that ranks the test digits for selective prediction (accuracy on the 95%% "
+                        "most certain, AURC)")
     g = p.add_argument_group("smoke runs")
     g.add_argument("--max-batches", type=pos_int, default=d.max_batches, help="cap on minibatches per epoch (default: all)")
     g.add_argument("--train-subset", type=pos_int, default=d.train_subset, help="train on the first N images (default: all)")
@@ -1371,7 +1535,7 @@ def parse_args(argv=None):
 # =============================================================================
 
 OUTPUTS = ("metrics.json", "guide.pt", "checkpoint.pt", "prediction.png", "reliability.png",
-           "coverage.png", "uncertainty_hist.png", "examples.png")
+           "coverage.png", "uncertainty_hist.png", "examples.png", "shift.png", "posterior_scale.png")
 # what a checkpoint must agree on to be resumed: train's arguments and what shapes the data and net
 TRAINING_SETTINGS = (*TRAIN_ARGS, "init_scale", "seed", "train_subset", "val_size")
 
@@ -1438,7 +1602,7 @@ def run(cfg):
     print(f"data: {len(x_train)} training, {len(x_val)} held-out, {len(x_test)} test images from "
           f"{cfg.data_dir}; device {device}")
 
-    net = BNN(784, cfg.hidden_size, CLASSES, cfg.init_scale, cfg.prior_scale).to(device)
+    net = BNN(784, cfg.hidden_size, CLASSES, cfg.init_scale, cfg.prior_scale, cfg.prior).to(device)
     settings = net_settings(net, cfg.prior_scale) | {k: getattr(cfg, k) for k in TRAINING_SETTINGS}
     settings["device"] = device.type  # the RNG streams differ: resume on the same kind of device
     ckpt_path = out / "checkpoint.pt"
@@ -1461,7 +1625,7 @@ def run(cfg):
 
     metrics = forced_prediction(cfg, net, x_test, y_test, result, device, out)
     write_json(metrics, out / "metrics.json")  # kept even if the uncertainty part fails
-    metrics |= uncertainty_report(cfg, net, x_test, y_test, rule, device, out)
+    metrics |= uncertainty_report(cfg, net, x_test, y_test, rule, device, out, pixel_rarity(x_train))
     metrics["peak_rss_mib"] = peak_rss_mib()
     if device.type == "cuda":
         metrics["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -1508,33 +1672,41 @@ def load_ood_sets(cfg, report):
     return ood
 
 
-def uncertainty_report(cfg, net, x_test, y_test, rule, device, out):
-    """Calibration, abstention and OOD numbers (and their figures) for metrics.json."""
-    probs = sample_probs(x_test, net, cfg.unc_samples)  # (S, 10000, 10)
-    mean = probs.mean(0)
-    scores = {"MNIST": uncertainty(probs)}
-    correct = mean.argmax(1) == y_test
-    cal = evaluate(mean, y_test)
-    refused = {"MNIST": refuses(scores["MNIST"], rule)}
-    report = {"unc_samples": cfg.unc_samples, "calibration": cal, "measure": cfg.measure,
-              "threshold": rule[cfg.measure], "rule": rule, "abstention": {"MNIST": abstention(refused["MNIST"], correct)},
-              "auroc": {}, "ood_skipped": {}}
+def uncertainty_report(cfg, net, x_test, y_test, rule, device, out, freq):
+    """Calibration, abstention, OOD, shift and selective numbers (and their figures) for metrics.json.
+
+    freq: the control's pixel-inking frequencies of the training digits (`pixel_rarity`).
+    """
+    report = {"unc_samples": cfg.unc_samples, "measure": cfg.measure, "threshold": rule[cfg.measure], "rule": rule,
+              "ood_skipped": {}}
     ood = load_ood_sets(cfg, report)
+    pick, shift, near = shifted_sets(x_test, y_test, cfg.shift_size)
+    rotated = {f"rotated {a}": v for a, v in shift.items() if a not in (0, 90, 180)}  # 90, 180: in near
+    probs = sample_probs_sets({"MNIST": x_test} | ood | near | rotated, net, cfg.unc_samples)  # {set: (S, N, 10)}
+    scores = {name: uncertainty(p) for name, p in probs.items()}
+    mean = probs["MNIST"].mean(0)
+    correct = mean.argmax(1) == y_test
+    report["calibration"] = cal = evaluate(mean, y_test)
+    refused = {name: refuses(scores[name], rule) for name in ["MNIST", *ood]}
+    report["abstention"] = {"MNIST": abstention(refused["MNIST"], correct)}
+    report["abstention"] |= {n: {"refused": float(refused[n].float().mean())} for n in ood}
+    report["auroc"] = {n: {m: auroc(scores["MNIST"][m], scores[n][m]) for m in MEASURES} for n in ood}
+    report["near_ood_auroc"] = {n: {m: auroc(scores["MNIST"][m], scores[n][m]) for m in MEASURES} for n in near}
+    control = rarity_score(x_test, freq)
+    report["control_auroc"] = {n: auroc(control, rarity_score(x, freq)) for n, x in (ood | near).items()}
+    by_angle = {a: probs["MNIST"][:, pick] if a == 0 else probs[f"rotated {a}"] for a in SHIFT_ANGLES}
+    report["shift"] = shift_report(by_angle, y_test[pick])
+    report["selective_measure"] = cfg.selective_measure
+    report["selective"] = {m: risk_coverage(scores["MNIST"][m], correct) for m in MEASURES}
     # the article's operating point: refuse 12.5% of MNIST test, then see how much of each set
     article = float(torch.quantile(scores["MNIST"][cfg.measure].double(), 0.875))
-    report["at_article_operating_point"] = {"MNIST": 0.125}
-    first_two = {}  # each OOD set's first two images' sample probabilities, for the example grid
-    for name, x in ood.items():
-        p = sample_probs(x.to(device), net, cfg.unc_samples)  # (S, N, 10)
-        first_two[name] = p[:, :2].clone()
-        scores[name] = s = uncertainty(p)
-        refused[name] = refuses(s, rule)
-        report["abstention"][name] = {"refused": float(refused[name].float().mean())}
-        report["auroc"][name] = {m: auroc(scores["MNIST"][m], s[m]) for m in MEASURES}
-        report["at_article_operating_point"][name] = float((s[cfg.measure] > article).float().mean())
+    report["at_article_operating_point"] = {"MNIST": 0.125} | {
+        n: float((scores[n][cfg.measure] > article).float().mean()) for n in ood}
     print_report(cfg, report, cal, rule)
     if not cfg.no_plots:
-        uncertainty_figures(cfg, x_test, y_test, probs, scores, refused, correct, ood, first_two, rule, out)
+        uncertainty_figures(cfg, x_test, y_test, probs, scores, refused, correct, ood, rule, out)
+        plot_shift({"bnn_mnist": report["shift"]}, path=out / "shift.png")
+        plot_pixel_scales(net, freq, path=out / "posterior_scale.png")
     return report
 
 
@@ -1546,27 +1718,32 @@ def print_report(cfg, report, cal, rule):
     print(f"refusing when {when}: MNIST refused {a['MNIST']['refused']:.1%}, "
           f"{a['MNIST']['accuracy_accepted']:.2%} right on the rest" +
           "".join(f"; {n} refused {a[n]['refused']:.1%}" for n in a if n != "MNIST"))
-    for n, r in report["auroc"].items():
-        best = max(r, key=r.get)
-        print(f"AUROC MNIST vs {n}: {cfg.measure} {r[cfg.measure]:.4f} (best: {best} {r[best]:.4f})")
+    for n, r in (report["auroc"] | report["near_ood_auroc"]).items():
+        print(f"AUROC MNIST vs {n}: {cfg.measure} {r[cfg.measure]:.4f} "
+              f"(control, pixel rarity: {report['control_auroc'][n]:.4f})")
+    sel = report["selective"][cfg.selective_measure]
+    print(f"trusting the 95% most certain by {cfg.selective_measure}: {sel['accuracy_kept']:.2%} right; "
+          f"AURC x 1000 {1000 * sel['aurc']:.2f}")
+    print("rotated test digits (degrees: accuracy / ECE / NLL): " +
+          "; ".join(f"{a}: {r['accuracy']:.0%} / {r['ece']:.3f} / {r['nll']:.2f}" for a, r in report["shift"].items()))
     op = report["at_article_operating_point"]
     if len(op) > 1:
         print("refusing 12.5% of MNIST test as the article did: " +
               "; ".join(f"{n} refused {v:.1%}" for n, v in op.items() if n != "MNIST"))
 
 
-def uncertainty_figures(cfg, x_test, y_test, probs, scores, refused, correct, ood, first_two, rule, out):
+def uncertainty_figures(cfg, x_test, y_test, probs, scores, refused, correct, ood, rule, out):
     measure = cfg.measure
-    plot_reliability(probs.mean(0), y_test, path=out / "reliability.png")
+    plot_reliability(probs["MNIST"].mean(0), y_test, path=out / "reliability.png")
     plot_coverage(scores["MNIST"][measure], correct, refused["MNIST"], measure, path=out / "coverage.png")
-    plot_histograms({n: s[measure] for n, s in scores.items()}, measure, rule[measure],
+    plot_histograms({n: scores[n][measure] for n in ["MNIST", *ood]}, measure, rule[measure],
                     path=out / "uncertainty_hist.png")
     # Six MNIST digits (the three most and three least certain) and two of each OOD set,
     # shown with the same posterior samples that scored them above.
     order = scores["MNIST"][measure].argsort()
     pick = torch.cat([order[:3], order[-3:]])
     xs = torch.cat([x_test[pick].cpu(), *(x[:2].cpu() for x in ood.values())])
-    ps = torch.cat([probs[:, pick], *first_two.values()], dim=1)  # (S, N, 10)
+    ps = torch.cat([probs["MNIST"][:, pick], *(probs[n][:, :2] for n in ood)], dim=1)  # (S, N, 10)
     labels = torch.cat([y_test[pick].cpu(), torch.full((len(xs) - len(pick),), -1)])
     u = uncertainty(ps)
     plot_examples(xs, ps, u[measure].cpu(), refuses(u, rule).cpu(), labels=labels, path=out / "examples.png")

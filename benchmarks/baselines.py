@@ -1,24 +1,29 @@
-"""bnn_mnist against its peers at saying "I don't know", in one command and one run.
+"""bnn_mnist against its peers and a model-free control, on the same images and metric code.
 
     python -m pip install -r benchmarks/requirements.txt     # laplace-torch, for the Laplace row
-    python benchmarks/baselines.py --data-dir ../shared/data
+    python benchmarks/baselines.py --data-dir ../shared/data  # about 6 minutes on 2 CPU cores
 
-Every method is trained on the same images (bnn_mnist's training split, its held-out
-images excluded) and scored by the same code (bnn_mnist's metrics), from its (S, B, 10)
-sample probabilities:
+Every system is trained on the same images (bnn_mnist's training split; its held-out digits
+are never trained on) and scored by bnn_mnist's own functions from its (S, B, 10) sample
+probabilities:
+  - control: no model; an image's ink weighted by how rarely training digits ink each
+    pixel (`bm.rarity_score`). Only an OOD score: whatever it separates needs no learning;
   - plain MLP: the same 784-1024-10 ReLU network, Adam, 5 epochs; one "sample";
-  - Laplace: laplace-torch's last-layer Kronecker-factored Laplace on that MLP, prior
+  - 5-MLP ensemble: five such networks from different seeds, one sample each;
+  - MC dropout: that network with dropout p=0.5 on the hidden layer, 100 masks at test time;
+  - Laplace: laplace-torch's last-layer Kronecker-factored Laplace on the plain MLP, prior
     precision by marginal likelihood, 100 GLM samples;
-  - bnn_mnist at its defaults (Config), its own default measure and threshold.
-Each refuses above its own threshold: the 95% quantile of its measure on the held-out
-training images (bnn_mnist: its own refusal rule, mutual information above its 98% quantile
-or expected entropy above its 96.5%). Rows: accuracy, NLL and ECE on MNIST
-test; AUROC of MNIST test against each out-of-distribution set; the share refused of each.
+  - bnn_mnist at its defaults (Config), 100 posterior samples.
+OOD AUROC: MNIST test digits against each set, by max_prob for the plain MLP and mutual
+information for the rest. Near-OOD sets and the rotation shift are built from the test
+digits (`bm.shifted_sets`, --shift-size of them). Selective prediction: each system ranks
+the test digits by the measure with the lowest AURC on the held-out training digits.
+Writes OUT_DIR/baselines.json and OUT_DIR/shift.png (accuracy and ECE against the angle).
 """
 
 import argparse
 import dataclasses
-import math
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,13 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bnn_mnist as bm  # noqa: E402
 import pyro  # noqa: E402
 
-
-def mlp(hidden):
-    return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+METHODS = ("mlp", "ensemble", "dropout", "laplace", "bnn")
 
 
-def train_mlp(x, y, hidden, epochs, batch_size, lr=1e-3):
-    net = mlp(hidden)
+# -----------------------------------------------------------------------------
+# The peers: each returns a function {set: (N, 784)} -> {set: (S, N, 10)}.
+
+
+def train_mlp(x, y, hidden, epochs, batch_size, lr=1e-3, dropout=0.0):
+    net = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 10))
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     for _ in range(epochs):
         perm = torch.randperm(len(x))
@@ -50,96 +57,155 @@ def train_mlp(x, y, hidden, epochs, batch_size, lr=1e-3):
     return net.eval()
 
 
-def fit_laplace(net, x, y, batch_size):
+def one_sample(nets):
+    """Each net gives one sample: (len(nets), N, 10)."""
+    return lambda sets: {n: torch.stack([torch.softmax(net(v), -1) for net in nets]) for n, v in sets.items()}
+
+
+def mc_dropout(net, p, samples):
+    """samples dropout masks on the hidden layer; its activations are computed once per set."""
+    first, last = net[0], net[3]
+
+    def sample(sets):
+        out = {}
+        for n, v in sets.items():
+            h = torch.relu(first(v))  # (N, H)
+            keep = torch.rand(samples, *h.shape) >= p  # (S, N, H)
+            out[n] = torch.softmax(last(h * keep / (1 - p)), -1)  # (S, N, 10)
+        return out
+
+    return sample
+
+
+def laplace_sampler(net, x, y, batch_size, samples):
     from laplace import Laplace
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
     la = Laplace(net, "classification", subset_of_weights="last_layer", hessian_structure="kron")
     la.fit(loader)
     la.optimize_prior_precision(method="marglik")
-    return la
+    return lambda sets: {n: torch.cat([la.predictive_samples(v[i : i + 2000], pred_type="glm", n_samples=samples)
+                                       for i in range(0, len(v), 2000)], 1) for n, v in sets.items()}
 
 
-def methods(cfg, x, y, which):
-    """{name: (sample_fn, measure, {measure: quantile} refusal rule, train seconds)}; sample_fn(x) -> (S, B, 10)."""
-    out = {}
-    if "mlp" in which or "laplace" in which:
+def systems(cfg, x, y, which):
+    """{name: (sampler, OOD measure, train seconds)} for the methods asked for."""
+    out, kw = {}, dict(hidden=cfg.hidden_size, epochs=cfg.epochs, batch_size=cfg.batch_size)
+    t0 = time.perf_counter()
+    mlps = [train_mlp(x, y, **kw) for _ in range(5 if "ensemble" in which else 1)]
+    t_one = (time.perf_counter() - t0) / len(mlps)
+    if "mlp" in which:
+        out["plain MLP"] = (one_sample(mlps[:1]), "max_prob", t_one)
+    if "ensemble" in which:
+        out["5-MLP ensemble"] = (one_sample(mlps), "mutual_information", 5 * t_one)
+    if "dropout" in which:
         t0 = time.perf_counter()
-        net = train_mlp(x, y, cfg.hidden_size, cfg.epochs, cfg.batch_size)
-        t_mlp = time.perf_counter() - t0
-        out["plain MLP"] = (lambda v: torch.softmax(net(v), -1)[None], "max_prob", {"max_prob": 0.95}, t_mlp)
+        net = train_mlp(x, y, dropout=0.5, **kw)
+        out["MC dropout p=0.5"] = (mc_dropout(net, 0.5, cfg.unc_samples), "mutual_information",
+                                   time.perf_counter() - t0)
     if "laplace" in which:
         t0 = time.perf_counter()
-        la = fit_laplace(net, x, y, cfg.batch_size)
-        t_la = t_mlp + time.perf_counter() - t0
-        out["Laplace (last layer, KFAC)"] = (
-            lambda v: torch.cat([la.predictive_samples(v[i : i + 2000], pred_type="glm", n_samples=100)
-                                 for i in range(0, len(v), 2000)], 1), "mutual_information",
-            {"mutual_information": 0.95}, t_la)
+        sampler = laplace_sampler(mlps[0], x, y, cfg.batch_size, cfg.unc_samples)
+        out["Laplace LL KFAC"] = (sampler, "mutual_information", t_one + time.perf_counter() - t0)
     if "bnn" in which:
         t0 = time.perf_counter()
-        bnn = bm.BNN(784, cfg.hidden_size, 10, cfg.init_scale)
+        bnn = bm.BNN(784, cfg.hidden_size, 10, cfg.init_scale, cfg.prior_scale)
         bm.train(bnn, x, y, progress=False, log=lambda *a: None, **bm.training_kwargs(cfg))
-        out["bnn_mnist defaults"] = (lambda v: bm.sample_probs(v, bnn, cfg.unc_samples), cfg.measure,
-                                     {cfg.measure: cfg.refuse_quantile, "expected_entropy": cfg.ambiguity_quantile},
+        out["bnn_mnist defaults"] = (lambda sets: bm.sample_probs_sets(sets, bnn, cfg.unc_samples), cfg.measure,
                                      time.perf_counter() - t0)
     return out
 
 
-def score(sample_fn, measure, quantiles, x_val, x_test, y_test, ood):
-    """One row of the table; refusals by the method's own rule, thresholds from the held-out images."""
+# -----------------------------------------------------------------------------
+# Scoring: one row per system, from the same sets and bnn_mnist's metric functions.
+
+
+def score(sampler, measure, sets, labels, pick, ood_names):
+    """Every column for one system. sets: {name: (N, 784)} holding "val", "MNIST", the OOD
+    sets and "rotated A" for every angle but 0; labels: {"val": ..., "MNIST": ...}; pick: the
+    test digits that were rotated."""
     with torch.no_grad():
-        probs = {name: sample_fn(v) for name, v in {"val": x_val, "MNIST": x_test, **ood}.items()}
-    u = {name: bm.uncertainty(p) for name, p in probs.items()}
-    rule = bm.thresholds(u["val"], quantiles)
-    ev = bm.evaluate(probs["MNIST"].mean(0), y_test)
-    row = {"accuracy": ev["accuracy"], "nll": ev["nll"], "ece": ev["ece"]}
-    for name in ood:
-        row[f"AUROC {name}"] = bm.auroc(u["MNIST"][measure], u[name][measure])
-    for name in ["MNIST", *ood]:
-        row[f"refused {name}"] = float(bm.refuses(u[name], rule).float().mean())
-    correct = probs["MNIST"].mean(0).argmax(1) == y_test
-    row["right on accepted MNIST"] = bm.abstention(bm.refuses(u["MNIST"], rule), correct)["accuracy_accepted"]
-    return row
+        probs = sampler(sets)
+    u = {n: bm.uncertainty(p) for n, p in probs.items()}
+    mean = probs["MNIST"].mean(0)
+    correct = {n: probs[n].mean(0).argmax(1) == labels[n] for n in ("val", "MNIST")}
+    # selective prediction: the measure chosen on the held-out digits, reported on test
+    best = min(bm.MEASURES, key=lambda m: bm.risk_coverage(u["val"][m], correct["val"])["aurc"])
+    by_angle = {a: probs["MNIST"][:, pick] if a == 0 else probs[f"rotated {a}"] for a in bm.SHIFT_ANGLES}
+    return {"measure": measure, **bm.evaluate(mean, labels["MNIST"]),
+            "auroc": {n: bm.auroc(u["MNIST"][measure], u[n][measure]) for n in ood_names},
+            "shift": bm.shift_report(by_angle, labels["MNIST"][pick]),
+            "selective_measure": best, **bm.risk_coverage(u["MNIST"][best], correct["MNIST"])}
 
 
-def print_table(rows, seconds):
-    cols = list(next(iter(rows.values())))
-    print("| system | " + " | ".join(cols) + " | train s |")
-    print("| --- " * (len(cols) + 2) + "|")
-    for name, row in rows.items():
-        cells = [f"{v:.2%}" if k in ("accuracy",) or k.startswith(("refused", "right")) else f"{v:.3f}"
-                 for k, v in row.items()]
-        print(f"| {name} | " + " | ".join(cells) + f" | {seconds[name]:.0f} |")
+def control_row(freq, sets, ood_names):
+    s_in = bm.rarity_score(sets["MNIST"], freq)
+    return {"measure": "pixel rarity", "auroc": {n: bm.auroc(s_in, bm.rarity_score(sets[n], freq)) for n in ood_names}}
+
+
+def print_tables(rows, ood_names):
+    def table(title, cols, cell):
+        print(f"\n{title}\n| system | " + " | ".join(map(str, cols)) + " |\n" + "| --- " * (len(cols) + 1) + "|")
+        for name, row in rows.items():
+            print(f"| {name} | " + " | ".join(cell(row, c) for c in cols) + " |")
+
+    table("AUROC, MNIST test against each set (higher: better told apart)", ood_names,
+          lambda r, c: f"{r['auroc'][c]:.3f}")
+    models = {n: r for n, r in rows.items() if "shift" in r}
+    rows = models
+    table("MNIST test and selective prediction", ["accuracy", "NLL", "ECE", "ranked by", "accuracy on 95% kept",
+                                                  "AURC x 1000", "train s"],
+          lambda r, c: {"accuracy": f"{r['accuracy']:.2%}", "NLL": f"{r['nll']:.4f}", "ECE": f"{r['ece']:.4f}",
+                        "ranked by": r["selective_measure"], "accuracy on 95% kept": f"{r['accuracy_kept']:.2%}",
+                        "AURC x 1000": f"{1000 * r['aurc']:.2f}", "train s": f"{r['train_seconds']:.0f}"}[c])
+    for key, fmt in (("accuracy", "{:.1%}"), ("ece", "{:.3f}"), ("nll", "{:.2f}"), ("mutual_information", "{:.3f}")):
+        table(f"Rotated test digits: {key.replace('_', ' ')} by angle (degrees)", list(bm.SHIFT_ANGLES),
+              lambda r, c: fmt.format(r["shift"][c][key]))
+
+
+def build_sets(cfg, x_val, x_test, y_test):
+    report = {"ood_skipped": {}}
+    ood = bm.load_ood_sets(cfg, report)
+    pick, shift, near = bm.shifted_sets(x_test, y_test, cfg.shift_size)
+    rotated = {f"rotated {a}": v for a, v in shift.items() if a not in (0, 90, 180)}
+    return {"val": x_val, "MNIST": x_test} | ood | near | rotated, pick, [*ood, *near]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", default=bm.DEFAULTS.data_dir, help="folder holding MNIST/raw (and the OOD sets)")
-    p.add_argument("--methods", default="mlp,laplace,bnn", help="comma-separated subset of mlp, laplace, bnn")
+    p.add_argument("--out-dir", default="out/baselines", help="baselines.json and shift.png go here")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=bm.DEFAULTS.epochs, help="training epochs of every method")
     p.add_argument("--hidden-size", type=int, default=bm.DEFAULTS.hidden_size)
     p.add_argument("--val-size", type=int, default=bm.DEFAULTS.val_size)
     p.add_argument("--unc-samples", type=int, default=bm.DEFAULTS.unc_samples)
+    p.add_argument("--shift-size", type=int, default=3000, help="test digits per rotated / mirrored / overlaid set")
     p.add_argument("--ood", default="fashion,notmnist,noise", help="as bnn_mnist.py's --ood")
     args = p.parse_args(argv)
+    which = args.methods.split(",")
+    if not set(which) <= set(METHODS):
+        p.error(f"argument --methods: choose from {', '.join(METHODS)}")
     cfg = dataclasses.replace(bm.DEFAULTS, data_dir=args.data_dir, seed=args.seed, epochs=args.epochs,
                               hidden_size=args.hidden_size, val_size=args.val_size, unc_samples=args.unc_samples,
-                              ood=args.ood)
+                              shift_size=args.shift_size, ood=args.ood)
+    out = bm.prepare_out_dir(args.out_dir)
     pyro.set_rng_seed(cfg.seed)
-    x, y, x_val, _, x_test, y_test = bm.split_data(cfg, torch.device("cpu"))
-    report = {"ood_skipped": {}}
-    ood = bm.load_ood_sets(cfg, report)
-    rows, seconds = {}, {}
-    for name, (fn, measure, q, secs) in methods(cfg, x, y, args.methods.split(",")).items():
-        rows[f"{name} ({measure})"] = score(fn, measure, q, x_val, x_test, y_test, ood)
-        seconds[f"{name} ({measure})"] = secs
-    print(f"MNIST test {len(x_test)}, trained on {len(x)}; OOD: "
-          + ", ".join(f"{k} {len(v)}" for k, v in ood.items()) + f"; seed {cfg.seed}; "
+    x, y, x_val, y_val, x_test, y_test = bm.split_data(cfg, torch.device("cpu"))
+    sets, pick, ood_names = build_sets(cfg, x_val, x_test, y_test)
+    labels = {"val": y_val, "MNIST": y_test}
+    rows = {"control (pixel rarity)": control_row(bm.pixel_rarity(x), sets, ood_names)}
+    for name, (sampler, measure, secs) in systems(cfg, x, y, which).items():
+        rows[name] = score(sampler, measure, sets, labels, pick, ood_names) | {"train_seconds": secs}
+    print(f"MNIST test {len(x_test)} digits, trained on {len(x)}, held out {len(x_val)}; sets: "
+          + ", ".join(f"{n} {len(sets[n])}" for n in ood_names) + f"; seed {cfg.seed}; "
           f"torch {torch.__version__}, pyro {pyro.__version__}")
-    print_table(rows, seconds)
+    print_tables(rows, ood_names)
+    bm.write_json(rows, out / "baselines.json")
+    bm.plot_shift({n: r["shift"] for n, r in rows.items() if "shift" in r}, path=out / "shift.png")
+    print(f"\nwrote {out / 'baselines.json'} and {out / 'shift.png'}")
     return rows
 
 

@@ -140,7 +140,9 @@ def test_the_cli_uses_the_sample_counts_it_is_given(tmp_path, data_dir, monkeypa
     monkeypatch.setattr(bm, "sample_probs", spy)
     m = bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY,
                  "--num-samples", "7", "--unc-samples", "13"])
-    assert (200, 7) in calls and (200, 13) in calls and (100, 13) in calls  # test, test, held-out
+    # the forced prediction on the 200 test digits; the held-out 100; then every set in one pass
+    # (200 test digits, 50 noise, 4 near-OOD and 5 more rotations of the 200 test digits)
+    assert (200, 7) in calls and (100, 13) in calls and (200 + 50 + 9 * 200, 13) in calls, calls
     assert m["num_samples"] == 7 and m["unc_samples"] == 13
 
 
@@ -148,7 +150,7 @@ def test_the_cli_uses_the_sample_counts_it_is_given(tmp_path, data_dir, monkeypa
     ("--lr", "0.02"), ("--lr-decay", "0.9"), ("--batch-size", "32"), ("--scale-lr-factor", "2"),
     ("--init-scale", "0.01"), ("--elbo", "meanfield"), ("--seed", "3"), ("--max-batches", "2"),
     ("--train-subset", "300"), ("--val-size", "50"), ("--prior-scale", "0.5"), ("--hidden-size", "24"),
-    ("--kl-weight", "0.5"),
+    ("--kl-weight", "0.5"), ("--prior", "fanin"),
 ])
 def test_resume_refuses_every_training_setting_changed(tmp_path_factory, data_dir, capsys, flag, value):
     # bug: the resume settings check narrowed to a few settings
