@@ -647,7 +647,7 @@ def risk_coverage(score, correct, keep=0.95):
 
     accuracy_kept: accuracy on the `keep` most certain; aurc: the area under the
     risk-coverage curve, the mean over k of the error rate of the k most certain
-    (lower is better; 0 when every error is ranked after every right answer).
+    (lower is better; lowest when every error is ranked after every right answer).
     """
     cov, acc = accuracy_coverage_curve(score, correct)
     k = max(1, round(keep * len(score)))

@@ -1,0 +1,134 @@
+"""Near-OOD sets, rotation shift, selective prediction and the pixel-rarity control: each
+with an answer known beforehand (a pixel's new place, a curve summed by hand)."""
+
+import math
+
+import pyro
+import pytest
+import torch
+
+import bnn_mnist as bm
+from conftest import ready_net
+
+
+def one_pixel(row, col):
+    x = torch.zeros(1, 784)
+    x[0, row * 28 + col] = 1.0
+    return x
+
+
+def where(x):
+    return divmod(int(x[0].argmax()), 28)
+
+
+def test_rotate_turns_counter_clockwise_and_mirror_flips_left_right():
+    top = one_pixel(2, 14)  # above the centre
+    assert where(bm.rotate(top, 90)) == (13, 2)  # a quarter turn counter-clockwise: to the left
+    assert where(bm.rotate(top, 180)) == (25, 13) and where(bm.rotate(top, -90)) == (14, 25)
+    assert where(bm.mirror(one_pixel(5, 3))) == (5, 24)
+    # interpolated angles agree with the exact quarter turn at its limit, and 0 changes nothing
+    x = torch.rand(3, 784)
+    assert torch.allclose(bm.rotate(x, 90 - 1e-4), bm.rotate(x, 90), atol=1e-3)
+    assert torch.equal(bm.rotate(x, 0), x) and torch.equal(bm.mirror(bm.mirror(x)), x)
+    # 45 degrees twice is 90 degrees, up to the blur of interpolating twice (a centred blob)
+    blob = torch.zeros(28, 28)
+    blob[8:20, 11:16] = 1.0
+    twice = bm.rotate(bm.rotate(blob.reshape(1, 784), 45), 45)
+    assert torch.corrcoef(torch.stack([twice[0], bm.rotate(blob.reshape(1, 784), 90)[0]]))[0, 1] > 0.9
+
+
+def test_overlay_is_the_pixel_max_of_two_digits_of_different_classes():
+    # digit of class k lights pixel k only: an overlay lights exactly two different pixels
+    y = torch.arange(200) % 10
+    x = torch.zeros(200, 784)
+    x[torch.arange(200), y] = 1.0
+    both = bm.overlay(x, y, 50, seed=3)
+    assert both.shape == (50, 784) and torch.equal((both > 0).sum(1), torch.full((50,), 2))
+    assert torch.equal(both, bm.overlay(x, y, 50, seed=3))  # a fixed draw
+
+
+def test_shifted_sets_share_one_draw_of_the_digits():
+    x, y = torch.rand(40, 784), torch.arange(40) % 10
+    pick, shift, near = bm.shifted_sets(x, y, 25)
+    assert len(pick) == len(set(pick.tolist())) == 25 and list(shift) == list(bm.SHIFT_ANGLES)
+    assert torch.equal(shift[0], x[pick]) and torch.equal(shift[45], bm.rotate(x[pick], 45))
+    assert near["rotated 90"] is shift[90] and near["rotated 180"] is shift[180]
+    assert torch.equal(near["mirrored"], bm.mirror(x[pick])) and list(near) == list(bm.NEAR_OOD)
+    assert len(bm.shifted_sets(x, y, 100)[0]) == 40  # never more than there are
+
+
+def test_pixel_rarity_control_by_hand():
+    train = torch.zeros(4, 784)
+    train[:2, 0] = 0.5  # pixel 0 inked by half the digits; pixel 1 by none
+    freq = bm.pixel_rarity(train)
+    assert freq[0] == 0.5 and freq[1:].sum() == 0
+    x = torch.zeros(2, 784)
+    x[0, 0], x[1, 1] = 1.0, 0.2
+    assert torch.allclose(bm.rarity_score(x, freq), torch.tensor([1 / 0.5001, 0.2 / 1e-4]))
+
+
+def test_risk_coverage_by_hand():
+    score = torch.tensor([0.4, 0.1, 0.3, 0.2])  # most certain first: images 1, 3, 2, 0
+    correct = torch.tensor([True, True, False, True])
+    # errors among the k most certain: 0/1, 0/2, 1/3 (image 2), 1/4
+    r = bm.risk_coverage(score, correct, keep=0.5)
+    assert r["aurc"] == pytest.approx((0 + 0 + 1 / 3 + 1 / 4) / 4) and r["accuracy_kept"] == 1.0
+    assert bm.risk_coverage(score, correct, keep=0.75)["accuracy_kept"] == pytest.approx(2 / 3)
+    # ranking the error first is worse; ranking it last is the best any score can do
+    assert bm.risk_coverage(torch.tensor([1.0, 2, 0, 3]), correct)["aurc"] > r["aurc"]
+    assert bm.risk_coverage(torch.tensor([0.0, 1, 9, 2]), correct)["aurc"] == pytest.approx(1 / 4 / 4)
+
+
+def test_shift_report_by_hand():
+    # two samples, two images: image 0 the samples agree (right), image 1 they disagree (wrong)
+    p = torch.tensor([[[0.9, 0.1], [0.8, 0.2]],
+                      [[0.9, 0.1], [0.2, 0.8]]]).repeat(1, 1, 5) / 5  # (2, 2, 10), rows sum to 1
+    y = torch.tensor([0, 2])
+    r = bm.shift_report({15: p}, y)[15]
+    mean = p.mean(0)
+    assert r["accuracy"] == 0.5 and r["nll"] == pytest.approx(-(math.log(mean[0, 0]) + math.log(mean[1, 2])) / 2)
+    h = lambda q: -(q * q.log()).sum(-1)  # noqa: E731
+    mi = (h(mean) - h(p).mean(0)).mean()
+    assert r["mutual_information"] == pytest.approx(float(mi)) and r["mutual_information"] > 0.05
+
+
+def test_sets_scored_in_one_pass_equal_one_call_on_their_concatenation():
+    net = ready_net(init_scale=0.2)
+    a, b = torch.rand(7, 784), torch.rand(3, 784)
+    pyro.set_rng_seed(4)
+    both = bm.sample_probs_sets({"a": a, "b": b}, net, 5)
+    pyro.set_rng_seed(4)
+    whole = bm.sample_probs(torch.cat([a, b]), net, 5)
+    assert both["a"].shape == (5, 7, 10) and torch.equal(torch.cat([both["a"], both["b"]], 1), whole)
+
+
+def test_fanin_prior_scales_the_weight_matrices_only():
+    net = bm.BNN(784, 16, 10, prior_scale=2.0, prior="fanin")
+    trace = pyro.poutine.trace(bm.model).get_trace(torch.rand(2, 784), None, 10, net=net)
+    std = {n: float(trace.nodes[n]["fn"].base_dist.scale.max()) for n in net.loc}
+    assert std == pytest.approx({"fc1_weight": 2 / 28, "fc1_bias": 2.0, "out_weight": 2 / 4, "out_bias": 2.0})
+    with pytest.raises(ValueError, match="prior must be one of normal, fanin"):
+        bm.BNN(784, 16, 10, prior="wide")
+
+
+def test_fanin_prior_survives_save_and_load(tmp_path):
+    net = bm.BNN(784, 16, 10, prior="fanin")
+    net.trained.fill_(True)
+    bm.save_guide(tmp_path / "g.pt", net)
+    assert bm.load_guide(tmp_path / "g.pt").prior == "fanin"
+
+
+def test_shift_and_pixel_scale_figures(tmp_path):
+    results = {"a": {a: {"accuracy": 1 - a / 200, "ece": a / 400} for a in bm.SHIFT_ANGLES},
+               "b": {a: {"accuracy": 0.5, "ece": 0.1} for a in bm.SHIFT_ANGLES}}
+    fig = bm.plot_shift(results, path=tmp_path / "shift.png")
+    acc_ax, ece_ax = fig.axes[:2]
+    assert [line.get_label() for line in ece_ax.get_lines()] == ["a", "b"]
+    assert list(acc_ax.get_lines()[0].get_ydata()) == [1 - a / 200 for a in bm.SHIFT_ANGLES]
+    net = ready_net()
+    with torch.no_grad():
+        net.rho["fc1_weight"][:, 5] = bm.inverse_softplus(0.7)  # one pixel's weights all wide
+    fig = bm.plot_pixel_scales(net, torch.rand(784), path=tmp_path / "scales.png")
+    shown = fig.axes[0].get_images()[0].get_array()
+    assert shown.shape == (28, 28) and shown[0, 5] == pytest.approx(0.7) and shown[0, 4] == pytest.approx(1e-3)
+    assert (tmp_path / "shift.png").stat().st_size > 0 and (tmp_path / "scales.png").stat().st_size > 0
