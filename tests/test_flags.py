@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import bnn_mnist as bm
-from conftest import TINY, synthetic_digits
+from conftest import TINY, make_mnist_dir, synthetic_digits
 
 EPS = 1e-12
 
@@ -180,10 +180,11 @@ def check_report(run, measure="mutual_information", quantile=0.98, ambiguity=0.9
         assert m["abstention"]["noise"] == {"refused": pytest.approx(refused_by(u_noise, m["rule"]).mean())}
         expected_auroc = {k: auroc_by_pairs(u_test[k], u_noise[k]) for k in bm.MEASURES}
         assert m["auroc"]["noise"] == pytest.approx(expected_auroc, abs=1e-9)
-        assert m["at_article_operating_point"] == {"MNIST": 0.125,
-                                                   "noise": pytest.approx((u_noise[measure] > article).mean())}
+        op = m["at_article_operating_point"]
+        assert op["MNIST"] == 0.125 and op["noise"] == pytest.approx((u_noise[measure] > article).mean())
         assert f"AUROC MNIST vs noise: {measure} {expected_auroc[measure]:.4f}" in run.stdout
-        assert f"refusing 12.5% of MNIST test as the article did: noise refused {(u_noise[measure] > article).mean():.1%}" in run.stdout
+        (line,) = [t for t in run.stdout.splitlines() if t.startswith("refusing 12.5% of MNIST test as the article did: ")]
+        assert f"noise refused {(u_noise[measure] > article).mean():.1%}" in line
     else:
         assert "noise" not in m["auroc"] and set(m["abstention"]) == {"MNIST"}
         assert m["at_article_operating_point"] == {"MNIST": 0.125}
@@ -282,3 +283,17 @@ def test_training_flags_reach_the_optimiser_and_the_saved_guide(cli):
     check_report(run, val=50, noise=0, unc=6)
     net = bm.load_guide(run.out / "guide.pt")
     assert net.prior_scale == 0.5 and net.sizes == (784, 12, 10)
+
+
+def test_the_articles_operating_point_refuses_an_eighth_of_same_distribution_digits(cli, tmp_path_factory):
+    """The stand-in "Fashion-MNIST" here is 100 more synthetic digits: above the 87.5% quantile
+    of the test digits' measure lie about an eighth of them (the wrong tail: seven eighths)."""
+    fashion = make_mnist_dir(tmp_path_factory.mktemp("fashion"), n_train=10, n_test=100, dataset="FashionMNIST")
+    run = cli("--ood", "fashion,noise", "--fashion-dir", str(fashion / "FashionMNIST/raw"))
+    check_report(run)
+    digits = torch.from_numpy(synthetic_digits(100, 1)[0]).reshape(100, 784).float() / 255
+    u_f, u_test = measures(run.probs(digits)["probs"]), measures(run.probs(X_TEST, 1)["probs"])
+    article = np.quantile(u_test["mutual_information"], 0.875)
+    share = (u_f["mutual_information"] > article).mean()
+    assert run.m["at_article_operating_point"]["Fashion-MNIST"] == pytest.approx(share) and 0.02 < share < 0.35
+    assert 0.3 < run.m["auroc"]["Fashion-MNIST"]["mutual_information"] < 0.7  # told apart by chance only
