@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ORDER = ["test_mutants.py", "test_promises.py", "test_optim.py", "test_uncertainty.py", "test_inputs.py", "test_api.py",
          "test_data.py", "test_flags.py", "test_model.py",
          "test_trust.py", "test_ood_data.py", "test_robust.py", "test_cli.py", "test_notebook.py",
-         "test_tutorial.py", "test_bench.py"]
+         "test_shift.py", "test_tutorial.py", "test_bench.py"]
 
 # (area, what the bug is, exact text in bnn_mnist.py, its replacement)
 MUTANTS = [
@@ -51,7 +51,7 @@ MUTANTS = [
     ("training", "the net never marked trained", "self.net.trained.fill_(True)", "pass"),
     ("training", "a NaN loss not stopped", "if not math.isfinite(loss):", "if False:"),
     ("elbo", "the prior scale ignored",
-     "dist.Normal(zero, zero + prior_scale)", "dist.Normal(zero, zero + 1.0)"),
+     "dist.Normal(zero, zero + prior_std(net, name, prior_scale))", "dist.Normal(zero, zero + 1.0)"),
     ("elbo", "the plate sized to the batch",
      "pyro.plate(\"data\", size=num_data or len(x_data)", "pyro.plate(\"data\", size=len(x_data)"),
     ("elbo", "the guide's scale exp(rho) instead of softplus(rho)",
@@ -135,8 +135,8 @@ MUTANTS = [
     ("cli", "the held-out set depends on the seed", "holdout_split(x, y, cfg.val_size)",
      "holdout_split(x, y, cfg.val_size, cfg.seed)"),
     ("cli", "a given --threshold ignored", "        rule[cfg.measure] = cfg.threshold", "        pass"),
-    ("cli", "OOD refusals by the primary measure only", "refused[name] = refuses(s, rule)",
-     "refused[name] = s[cfg.measure] > rule[cfg.measure]"),
+    ("cli", "OOD refusals by the primary measure only", "refused = {name: refuses(scores[name], rule) for name",
+     "refused = {name: scores[name][cfg.measure] > rule[cfg.measure] for name"),
     ("cli", "a missing OOD set fatal", "except (MissingFile, DataError) as e:", "except KeyboardInterrupt as e:"),
     ("cli", "--num-samples ignored", "probs = predict_prob(x_test, net, cfg.num_samples)", "probs = predict_prob(x_test, net)"),
     ("cli", "a damaged data file not named", "read_idx(raw / name)  # raises DataError naming the damaged file", "pass"),
@@ -152,8 +152,7 @@ MUTANTS = [
      "def guide(x_data=None, y_data=None, num_data=None, *, net, kl_weight=DEFAULTS.kl_weight):",
      "def guide(x_data=None, y_data=None, num_data=None, *, net, kl_weight=1.0):"),
     ("checkpoint", "load_guide forgets the prior scale",
-     'BNN(s["input_size"], s["hidden_size"], s["output_size"], prior_scale=s["prior_scale"])',
-     'BNN(s["input_size"], s["hidden_size"], s["output_size"])'),
+     'prior_scale=s["prior_scale"],', ""),
     ("training", "train(x_val=) keeps no refusal rule", "net.rule = refusal_rule(x_val, net)", "pass"),
     ("elbo", "gradient clipping back on (ClippedAdam's clip_norm 10)", '"clip_norm": float("inf"),', ""),
     ("training", "the decay computed from the uncapped number of steps",
