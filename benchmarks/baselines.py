@@ -18,12 +18,15 @@ OOD AUROC: MNIST test digits against each set, by max_prob for the plain MLP and
 information for the rest. Near-OOD sets and the rotation shift are built from the test
 digits (`bm.shifted_sets`, --shift-size of them). Selective prediction: each system ranks
 the test digits by the measure with the lowest AURC on the held-out training digits.
-Writes OUT_DIR/baselines.json and OUT_DIR/shift.png (accuracy and ECE against the angle).
+With several --seeds, each system is trained once per seed and every cell shows the mean
+and the standard deviation over the seeds (the control has no seed). Writes
+OUT_DIR/baselines.json (every seed's rows) and OUT_DIR/shift.png (accuracy and ECE against
+the angle, means over the seeds).
 """
 
 import argparse
 import dataclasses
-import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -143,24 +146,33 @@ def control_row(freq, sets, ood_names):
     return {"measure": "pixel rarity", "auroc": {n: bm.auroc(s_in, bm.rarity_score(sets[n], freq)) for n in ood_names}}
 
 
-def print_tables(rows, ood_names):
-    def table(title, cols, cell):
+def mean_sd(values, fmt):
+    """'mean' for one value, 'mean ± sd' over seeds."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return fmt.format(statistics.mean(values)) + " ± " + fmt.format(statistics.stdev(values))
+
+
+def print_tables(runs, ood_names):
+    """runs: {system: [row per seed]}; markdown tables of every column."""
+    def table(title, cols, cell, systems):
         print(f"\n{title}\n| system | " + " | ".join(map(str, cols)) + " |\n" + "| --- " * (len(cols) + 1) + "|")
-        for name, row in rows.items():
-            print(f"| {name} | " + " | ".join(cell(row, c) for c in cols) + " |")
+        for name in systems:
+            print(f"| {name} | " + " | ".join(cell(runs[name], c) for c in cols) + " |")
 
     table("AUROC, MNIST test against each set (higher: better told apart)", ood_names,
-          lambda r, c: f"{r['auroc'][c]:.3f}")
-    models = {n: r for n, r in rows.items() if "shift" in r}
-    rows = models
-    table("MNIST test and selective prediction", ["accuracy", "NLL", "ECE", "ranked by", "accuracy on 95% kept",
-                                                  "AURC x 1000", "train s"],
-          lambda r, c: {"accuracy": f"{r['accuracy']:.2%}", "NLL": f"{r['nll']:.4f}", "ECE": f"{r['ece']:.4f}",
-                        "ranked by": r["selective_measure"], "accuracy on 95% kept": f"{r['accuracy_kept']:.2%}",
-                        "AURC x 1000": f"{1000 * r['aurc']:.2f}", "train s": f"{r['train_seconds']:.0f}"}[c])
+          lambda rs, c: mean_sd([r["auroc"][c] for r in rs], "{:.3f}"), list(runs))
+    models = [n for n, rs in runs.items() if "shift" in rs[0]]
+    pct = {"accuracy": "{:.2%}", "accuracy_kept": "{:.2%}"}
+    table("MNIST test and selective prediction", ["accuracy", "nll", "ece", "selective_measure", "accuracy_kept",
+                                                  "AURC x 1000", "train_seconds"],
+          lambda rs, c: ("/".join(sorted({r[c] for r in rs})) if c == "selective_measure" else
+                         mean_sd([1000 * r["aurc"] for r in rs], "{:.2f}") if c == "AURC x 1000" else
+                         mean_sd([r[c] for r in rs], pct.get(c, "{:.0f}" if c == "train_seconds" else "{:.4f}"))),
+          models)
     for key, fmt in (("accuracy", "{:.1%}"), ("ece", "{:.3f}"), ("nll", "{:.2f}"), ("mutual_information", "{:.3f}")):
         table(f"Rotated test digits: {key.replace('_', ' ')} by angle (degrees)", list(bm.SHIFT_ANGLES),
-              lambda r, c: fmt.format(r["shift"][c][key]))
+              lambda rs, c: mean_sd([r["shift"][c][key] for r in rs], fmt), models)
 
 
 def build_sets(cfg, x_val, x_test, y_test):
@@ -171,13 +183,30 @@ def build_sets(cfg, x_val, x_test, y_test):
     return {"val": x_val, "MNIST": x_test} | ood | near | rotated, pick, [*ood, *near]
 
 
+def run_seed(args, seed):
+    """Every system's row for one seed: {system: row}."""
+    cfg = dataclasses.replace(bm.DEFAULTS, data_dir=args.data_dir, seed=seed, epochs=args.epochs,
+                              hidden_size=args.hidden_size, val_size=args.val_size, unc_samples=args.unc_samples,
+                              shift_size=args.shift_size, ood=args.ood)
+    pyro.set_rng_seed(seed)
+    x, y, x_val, y_val, x_test, y_test = bm.split_data(cfg, torch.device("cpu"))
+    sets, pick, ood_names = build_sets(cfg, x_val, x_test, y_test)
+    labels = {"val": y_val, "MNIST": y_test}
+    rows = {"control (pixel rarity)": control_row(bm.pixel_rarity(x), sets, ood_names)}
+    for name, (sampler, measure, secs) in systems(cfg, x, y, args.methods.split(",")).items():
+        rows[name] = score(sampler, measure, sets, labels, pick, ood_names) | {"train_seconds": secs}
+    print(f"seed {seed}: MNIST test {len(x_test)} digits, trained on {len(x)}, held out {len(x_val)}; sets: "
+          + ", ".join(f"{n} {len(sets[n])}" for n in ood_names), file=sys.stderr)
+    return rows, ood_names
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", default=bm.DEFAULTS.data_dir, help="folder holding MNIST/raw (and the OOD sets)")
     p.add_argument("--out-dir", default="out/baselines", help="baselines.json and shift.png go here")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training run of every system per seed")
     p.add_argument("--epochs", type=int, default=bm.DEFAULTS.epochs, help="training epochs of every method")
     p.add_argument("--hidden-size", type=int, default=bm.DEFAULTS.hidden_size)
     p.add_argument("--val-size", type=int, default=bm.DEFAULTS.val_size)
@@ -185,28 +214,23 @@ def main(argv=None):
     p.add_argument("--shift-size", type=int, default=3000, help="test digits per rotated / mirrored / overlaid set")
     p.add_argument("--ood", default="fashion,notmnist,noise", help="as bnn_mnist.py's --ood")
     args = p.parse_args(argv)
-    which = args.methods.split(",")
-    if not set(which) <= set(METHODS):
+    if not set(args.methods.split(",")) <= set(METHODS):
         p.error(f"argument --methods: choose from {', '.join(METHODS)}")
-    cfg = dataclasses.replace(bm.DEFAULTS, data_dir=args.data_dir, seed=args.seed, epochs=args.epochs,
-                              hidden_size=args.hidden_size, val_size=args.val_size, unc_samples=args.unc_samples,
-                              shift_size=args.shift_size, ood=args.ood)
     out = bm.prepare_out_dir(args.out_dir)
-    pyro.set_rng_seed(cfg.seed)
-    x, y, x_val, y_val, x_test, y_test = bm.split_data(cfg, torch.device("cpu"))
-    sets, pick, ood_names = build_sets(cfg, x_val, x_test, y_test)
-    labels = {"val": y_val, "MNIST": y_test}
-    rows = {"control (pixel rarity)": control_row(bm.pixel_rarity(x), sets, ood_names)}
-    for name, (sampler, measure, secs) in systems(cfg, x, y, which).items():
-        rows[name] = score(sampler, measure, sets, labels, pick, ood_names) | {"train_seconds": secs}
-    print(f"MNIST test {len(x_test)} digits, trained on {len(x)}, held out {len(x_val)}; sets: "
-          + ", ".join(f"{n} {len(sets[n])}" for n in ood_names) + f"; seed {cfg.seed}; "
-          f"torch {torch.__version__}, pyro {pyro.__version__}")
-    print_tables(rows, ood_names)
-    bm.write_json(rows, out / "baselines.json")
-    bm.plot_shift({n: r["shift"] for n, r in rows.items() if "shift" in r}, path=out / "shift.png")
+    runs = {}
+    for seed in args.seeds:
+        rows, ood_names = run_seed(args, seed)
+        for name, row in rows.items():
+            runs.setdefault(name, []).append(row)
+    print(f"seeds {' '.join(map(str, args.seeds))}; torch {torch.__version__}, pyro {pyro.__version__}; "
+          f"cells: mean ± sd over the seeds")
+    print_tables(runs, ood_names)
+    bm.write_json({"seeds": args.seeds, "runs": runs}, out / "baselines.json")
+    shift = {n: {a: {k: statistics.mean(r["shift"][a][k] for r in rs) for k in ("accuracy", "ece")}
+                 for a in bm.SHIFT_ANGLES} for n, rs in runs.items() if "shift" in rs[0]}
+    bm.plot_shift(shift, path=out / "shift.png")
     print(f"\nwrote {out / 'baselines.json'} and {out / 'shift.png'}")
-    return rows
+    return runs
 
 
 if __name__ == "__main__":
