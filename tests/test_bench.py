@@ -22,19 +22,42 @@ def test_benchmark_runs_and_prints_the_table(capsys):
     assert all(math.isfinite(v) and v > 0 for v in out.values())
 
 
-def test_baselines_print_the_side_by_side_table(data_dir, capsys):
-    import baselines  # noqa: E402  (laplace-torch is optional: benchmarks/requirements.txt)
+def test_baselines_print_every_table_with_the_control_recomputed(data_dir, tmp_path, capsys):
+    import json
 
-    rows = baselines.main(["--data-dir", str(data_dir), "--methods", "mlp,bnn", "--epochs", "2",
-                           "--hidden-size", "16", "--val-size", "100", "--unc-samples", "10", "--ood", "noise"])
+    import baselines  # noqa: E402  (laplace-torch is optional: benchmarks/requirements.txt)
+    import numpy as np
+
+    runs = baselines.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--methods",
+                           "mlp,ensemble,dropout,bnn", "--epochs", "2", "--hidden-size", "16", "--val-size", "100",
+                           "--unc-samples", "10", "--ood", "noise", "--shift-size", "60", "--seeds", "0", "1"])
     text = capsys.readouterr().out
-    assert "| system | accuracy | nll | ece | AUROC noise | refused MNIST | refused noise |" in text
-    assert set(rows) == {"plain MLP (max_prob)", f"bnn_mnist defaults ({bm.DEFAULTS.measure})"}
-    for row in rows.values():
-        assert 0.7 < row["accuracy"] <= 1 and 0 <= row["refused MNIST"] <= 0.2
-    bnn = rows[f"bnn_mnist defaults ({bm.DEFAULTS.measure})"]
-    # noise must score above the digits, and be refused far more often than they are
-    assert bnn["AUROC noise"] > 0.9 and bnn["refused noise"] > bnn["refused MNIST"] + 0.3
+    assert "| system | noise | rotated 90 | rotated 180 | mirrored | overlaid |" in text
+    assert "| system | accuracy | nll | ece | selective_measure | accuracy_kept | AURC x 1000 | train_seconds |" in text
+    assert "Rotated test digits: ece by angle (degrees)\n| system | 0 | 15 | 30 | 45 | 60 | 90 | 135 | 180 |" in text
+    assert list(runs) == ["control (pixel rarity)", "plain MLP", "5-MLP ensemble", "MC dropout p=0.5",
+                          "bnn_mnist defaults"] and all(len(rs) == 2 for rs in runs.values())
+    saved = json.loads((tmp_path / "baselines.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["runs"]["plain MLP"][1]["nll"] == runs["plain MLP"][1]["nll"]
+    assert (tmp_path / "shift.png").stat().st_size > 0
+    # the control by hand: numpy pixel frequencies of the training split, pairs counted
+    x, y = bm.load_mnist(data_dir)
+    x_train = bm.holdout_split(x, y, 100)[0].numpy()
+    freq = (x_train > 0).mean(0)
+    x_test = bm.load_mnist(data_dir, train=False)[0].numpy()
+    noise = torch.rand(2000, 784, generator=torch.Generator().manual_seed(1)).numpy()
+    s_in, s_out = (x_test / (freq + 1e-4)).sum(1), (noise / (freq + 1e-4)).sum(1)
+    pairs = (s_out[:, None] > s_in[None]).mean() + 0.5 * (s_out[:, None] == s_in[None]).mean()
+    assert runs["control (pixel rarity)"][0]["auroc"]["noise"] == pytest.approx(pairs, abs=1e-6)
+    # a single network has no disagreement; an ensemble and dropout masks do
+    assert all(r["mutual_information"] == 0 for r in runs["plain MLP"][0]["shift"].values())
+    for name in ("5-MLP ensemble", "MC dropout p=0.5"):
+        assert all(r["mutual_information"] > 0 for r in runs[name][0]["shift"].values()), name
+    for rs in list(runs.values())[1:]:
+        assert rs[0]["selective_measure"] in bm.MEASURES and 0.5 < rs[0]["accuracy"] <= 1  # chance: 0.1
+    bnn = runs["bnn_mnist defaults"][0]
+    assert bnn["auroc"]["noise"] > 0.9  # noise scores above the digits
+    assert bnn["shift"][0]["accuracy"] > bnn["shift"][90]["accuracy"]  # turned digits are harder
 
 
 def test_refusal_frontier_refuses_the_most_uncertain_and_reports_both_splits(data_dir, tmp_path, capsys):
