@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ORDER = ["test_mutants.py", "test_promises.py", "test_optim.py", "test_uncertainty.py", "test_inputs.py", "test_api.py",
          "test_data.py", "test_flags.py", "test_model.py",
          "test_trust.py", "test_ood_data.py", "test_robust.py", "test_cli.py", "test_notebook.py",
-         "test_shift.py", "test_tutorial.py", "test_bench.py"]
+         "test_shift.py", "test_readme.py", "test_tutorial.py", "test_bench.py"]
 
 # (area, what the bug is, exact text in bnn_mnist.py, its replacement)
 MUTANTS = [
