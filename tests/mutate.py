@@ -194,7 +194,7 @@ def run_one(i, timeout):
     if source.count(old) != 1:
         return "stale", 0.0  # the code changed: fix the mutant's text
     with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
-        for name in ("tests", "benchmarks", "docs", "pytest.ini"):
+        for name in ("tests", "benchmarks", "docs", "pytest.ini", "README.md"):
             src = ROOT / name
             (shutil.copytree if src.is_dir() else shutil.copy)(src, Path(tmp) / name)
         (Path(tmp) / "bnn_mnist.py").write_text(source.replace(old, new))
