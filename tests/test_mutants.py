@@ -1,4 +1,4 @@
-"""Tests written to catch deliberate one-line bugs (mutation testing, see README "Tests").
+"""Tests written to catch deliberate one-line bugs (mutation testing, see docs/testing.md).
 
 Each names the bug it catches; tests/mutate.py applies those bugs and more.
 """
