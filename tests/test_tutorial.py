@@ -18,11 +18,11 @@ def test_tutorial_runs_end_to_end_on_tiny_data(data_dir, monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     for expected in ("training (500, 784) held out (100, 784) test (200, 784)", "obs", "-ELBO estimate",
                      "epoch 1/1  loss", "test accuracy", "predict_prob vs Predictive", "MNIST test refused",
-                     "uniform noise refused"):
+                     "uniform noise refused", "mirrored     AUROC", "rotated 45 degrees: accuracy"):
         assert expected in text, expected
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "display_data" and "image/png" in o.data]
-    assert len(images) == 1  # the article's plot (no letters in the smoke run)
+    assert len(images) == 2  # the article's plot and the posterior's scale per pixel (no letters in the smoke run)
 
 
 def test_committed_outputs_come_from_a_full_run():
