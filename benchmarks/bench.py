@@ -2,7 +2,9 @@
 
 Times, side by side in one process and on the same data:
   - training steps: bnn_mnist's Pyro SVI step vs Bayes-by-backprop written by hand
-    (same model, same guide, analytic KL, Adam with the same per-step decay, batch 128);
+    (same model, same guide, the same ELBO estimator as --elbo: the sampled KL of Trace_ELBO
+    by default, the analytic one with --elbo meanfield; Adam with the same per-step decay,
+    batch 128);
   - prediction of 10,000 images with 10 posterior samples: bnn_mnist.predict_prob vs one
     vectorised matmul over the samples, written by hand.
 
