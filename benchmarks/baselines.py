@@ -1,7 +1,8 @@
 """bnn_mnist against its peers and a model-free control, on the same images and metric code.
 
     python -m pip install -r benchmarks/requirements.txt     # laplace-torch, for the Laplace row
-    python benchmarks/baselines.py --data-dir ../shared/data  # about 6 minutes on 2 CPU cores
+    python benchmarks/baselines.py --data-dir ../shared/data --seeds 0 1 2   # the README's table
+    python benchmarks/baselines.py --show out/baselines/baselines.json       # print it again
 
 Every system is trained on the same images (bnn_mnist's training split; its held-out digits
 are never trained on) and scored by bnn_mnist's own functions from its (S, B, 10) sample
@@ -26,6 +27,7 @@ the angle, means over the seeds).
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -175,6 +177,33 @@ def print_tables(runs, ood_names):
               lambda rs, c: mean_sd([r["shift"][c][key] for r in rs], fmt), models)
 
 
+SUMMARY = [  # (label, how to read it from a row, format): the README's table
+    ("test accuracy", lambda r: r["accuracy"], "{:.2%}"), ("test NLL", lambda r: r["nll"], "{:.4f}"),
+    ("test ECE", lambda r: r["ece"], "{:.4f}"),
+    *[(f"AUROC {n}", lambda r, n=n: r["auroc"][n], "{:.3f}") for n in
+      ("Fashion-MNIST", "notMNIST", "noise", "rotated 90", "rotated 180", "mirrored", "overlaid")],
+    *[(f"ECE, rotated {a} degrees", lambda r, a=a: r["shift"][a]["ece"], "{:.3f}") for a in (30, 45, 60)],
+    ("NLL, rotated 45 degrees", lambda r: r["shift"][45]["nll"], "{:.2f}"),
+    ("accuracy on the 95% most certain", lambda r: r["accuracy_kept"], "{:.2%}"),
+    ("AURC x 1000", lambda r: 1000 * r["aurc"], "{:.2f}"),
+    ("training seconds", lambda r: r["train_seconds"], "{:.0f}"),
+]
+
+
+def summary_table(runs):
+    """One table, a metric per row and a system per column (mean ± sd over the seeds)."""
+    lines = ["| | " + " | ".join(runs) + " |", "| --- " * (len(runs) + 1) + "|"]
+    for label, get, fmt in SUMMARY:
+        cells = []
+        for rs in runs.values():
+            try:
+                cells.append(mean_sd([get(r) for r in rs], fmt))
+            except (KeyError, TypeError):
+                cells.append("")  # the control has only AUROCs; a set that was not loaded
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def build_sets(cfg, x_val, x_test, y_test):
     report = {"ood_skipped": {}}
     ood = bm.load_ood_sets(cfg, report)
@@ -213,7 +242,15 @@ def main(argv=None):
     p.add_argument("--unc-samples", type=int, default=bm.DEFAULTS.unc_samples)
     p.add_argument("--shift-size", type=int, default=3000, help="test digits per rotated / mirrored / overlaid set")
     p.add_argument("--ood", default="fashion,notmnist,noise", help="as bnn_mnist.py's --ood")
+    p.add_argument("--show", help="print the tables of a baselines.json again; train nothing")
     args = p.parse_args(argv)
+    if args.show:
+        saved = json.loads(Path(args.show).read_text())
+        runs = {n: [r | {"shift": {int(a): v for a, v in r["shift"].items()}} if "shift" in r else r for r in rs]
+                for n, rs in saved["runs"].items()}
+        print(f"seeds {' '.join(map(str, saved['seeds']))}; cells: mean ± sd over the seeds\n\n{summary_table(runs)}")
+        print_tables(runs, list(next(iter(runs.values()))[0]["auroc"]))
+        return runs
     if not set(args.methods.split(",")) <= set(METHODS):
         p.error(f"argument --methods: choose from {', '.join(METHODS)}")
     out = bm.prepare_out_dir(args.out_dir)
@@ -224,6 +261,7 @@ def main(argv=None):
             runs.setdefault(name, []).append(row)
     print(f"seeds {' '.join(map(str, args.seeds))}; torch {torch.__version__}, pyro {pyro.__version__}; "
           f"cells: mean ± sd over the seeds")
+    print(f"\n{summary_table(runs)}")
     print_tables(runs, ood_names)
     bm.write_json({"seeds": args.seeds, "runs": runs}, out / "baselines.json")
     shift = {n: {a: {k: statistics.mean(r["shift"][a][k] for r in rs) for k in ("accuracy", "ece")}

@@ -40,6 +40,10 @@ def test_baselines_print_every_table_with_the_control_recomputed(data_dir, tmp_p
     saved = json.loads((tmp_path / "baselines.json").read_text())
     assert saved["seeds"] == [0, 1] and saved["runs"]["plain MLP"][1]["nll"] == runs["plain MLP"][1]["nll"]
     assert (tmp_path / "shift.png").stat().st_size > 0
+    summary = text[text.index("| | control (pixel rarity) |"):text.index("AUROC, MNIST test against")]
+    assert "| AURC x 1000 |  | " in summary and "| AUROC noise | 1.000 ± 0.000 | " in summary  # control: AUROC only
+    baselines.main(["--show", str(tmp_path / "baselines.json")])  # the same tables again, from the file
+    assert summary in capsys.readouterr().out
     # the control by hand: numpy pixel frequencies of the training split, pairs counted
     x, y = bm.load_mnist(data_dir)
     x_train = bm.holdout_split(x, y, 100)[0].numpy()
