@@ -103,7 +103,7 @@ class Config:
     notmnist_dir: str | None = None  # None: DATA_DIR/notMNIST-459
     noise_count: int = 2000
     shift_size: int = 1000  # test digits per rotated / mirrored / overlaid set (each costs ~2 s per 1000)
-    selective_measure: str = "predictive_entropy"  # which digits to trust first (chosen on held-out digits)
+    selective_measure: str = "max_prob"  # which digits to trust first: lowest AURC on held-out digits (baselines.py)
     seed: int = 0
     device: str = "auto"
     max_batches: int | None = None  # smoke runs: cap the minibatches per epoch

@@ -132,3 +132,46 @@ def test_shift_and_pixel_scale_figures(tmp_path):
     shown = fig.axes[0].get_images()[0].get_array()
     assert shown.shape == (28, 28) and shown[0, 5] == pytest.approx(0.7) and shown[0, 4] == pytest.approx(1e-3)
     assert (tmp_path / "shift.png").stat().st_size > 0 and (tmp_path / "scales.png").stat().st_size > 0
+
+
+def test_the_run_reports_near_ood_shift_selective_and_control_from_its_own_samples(tmp_path, data_dir, monkeypatch):
+    """Every new number of a CLI run recomputed from the probabilities it drew (a spy) and the
+    images it scored: the near-OOD AUROCs, the control's, the shift report, selective prediction."""
+    from conftest import TINY
+
+    seen = {}
+    real = bm.sample_probs_sets
+
+    def spy(sets, net, num_samples=bm.DEFAULTS.unc_samples):
+        seen["sets"], seen["probs"] = sets, real(sets, net, num_samples)
+        return seen["probs"]
+
+    monkeypatch.setattr(bm, "sample_probs_sets", spy)
+    m = bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY,
+                 "--shift-size", "80", "--selective-measure", "expected_entropy", "--max-batches", "1",
+                 "--init-scale", "0.3"])  # barely trained: errors to rank, measures that disagree
+    sets, probs = seen["sets"], seen["probs"]
+    u = {n: bm.uncertainty(p) for n, p in probs.items()}
+    x, y = bm.load_mnist(data_dir)
+    x_test, y_test = bm.load_mnist(data_dir, train=False)
+    pick, shift, near = bm.shifted_sets(x_test, y_test, 80)
+    assert list(m["near_ood_auroc"]) == list(bm.NEAR_OOD)
+    for name in bm.NEAR_OOD:
+        assert torch.equal(sets[name], near[name]), name
+        assert m["near_ood_auroc"][name]["mutual_information"] == bm.auroc(u["MNIST"]["mutual_information"],
+                                                                         u[name]["mutual_information"])
+    freq = (bm.holdout_split(x, y, 100)[0] > 0).float().mean(0)  # the training split's inking
+    score = lambda v: (v / (freq + 1e-4)).sum(1)  # noqa: E731
+    assert m["control_auroc"]["noise"] == pytest.approx(bm.auroc(score(x_test), score(sets["noise"])))
+    assert m["control_auroc"]["mirrored"] == pytest.approx(bm.auroc(score(x_test), score(bm.mirror(x_test[pick]))))
+    assert list(m["shift"]) == list(bm.SHIFT_ANGLES)  # (metrics.json's keys are their strings)
+    at45 = probs["rotated 45"].mean(0)
+    assert torch.equal(sets["rotated 45"], shift[45])
+    assert m["shift"][45]["accuracy"] == pytest.approx(float((at45.argmax(1) == y_test[pick]).float().mean()))
+    assert m["shift"][0]["nll"] == pytest.approx(bm.evaluate(probs["MNIST"][:, pick].mean(0), y_test[pick])["nll"])
+    correct = probs["MNIST"].mean(0).argmax(1) == y_test
+    assert m["selective_measure"] == "expected_entropy"
+    assert 0.1 < float(correct.float().mean()) < 0.95  # some right, some wrong
+    for measure in bm.MEASURES:
+        assert m["selective"][measure] == bm.risk_coverage(u["MNIST"][measure], correct)
+    assert len({m["selective"][measure]["aurc"] for measure in bm.MEASURES}) == 4  # each its own ranking
