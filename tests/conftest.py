@@ -16,7 +16,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest.ini runs one worker per core: each on one thread (and so every subprocess it starts),
+    # or the workers' thread pools fight over the cores and the suite runs slower than serially
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import bnn_mnist as bm  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def write_idx(path, array, compress=False):
