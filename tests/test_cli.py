@@ -13,7 +13,8 @@ import bnn_mnist as bm
 from conftest import ROOT, SMALL, cli_env, make_mnist_dir
 
 SCRIPT = str(ROOT / "bnn_mnist.py")
-FIGURES = ["prediction.png", "reliability.png", "coverage.png", "uncertainty_hist.png", "examples.png"]
+FIGURES = ["prediction.png", "reliability.png", "coverage.png", "uncertainty_hist.png", "examples.png", "shift.png",
+           "posterior_scale.png"]  # the README's "seven figures"
 
 
 def run_cli(*args, cwd=None, timeout=240):

@@ -53,9 +53,10 @@ def test_mismatched_counts_name_both_files(fresh_data_dir):
         bm.load_mnist(fresh_data_dir, train=False)
 
 
-def test_label_out_of_range(fresh_data_dir):
-    write_idx(fresh_data_dir / "MNIST/raw/t10k-labels-idx1-ubyte", np.full(200, 11))
-    with pytest.raises(bm.DataError, match="label 11"):
+@pytest.mark.parametrize("label", [10, 11])  # 10: the first label past 0-9
+def test_label_out_of_range(fresh_data_dir, label):
+    write_idx(fresh_data_dir / "MNIST/raw/t10k-labels-idx1-ubyte", np.full(200, label))
+    with pytest.raises(bm.DataError, match=f"label {label}"):
         bm.load_mnist(fresh_data_dir, train=False)
 
 
