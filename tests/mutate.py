@@ -1,7 +1,7 @@
 """Mutation testing: apply deliberate one-line bugs to bnn_mnist.py, one at a time, and run the
 whole test suite against each; a mutant the suite does not fail "survives".
 
-    python tests/mutate.py                 # every mutant (about 15 minutes on 2 cores)
+    python tests/mutate.py                 # every mutant (about 30 minutes on 2 cores)
     python tests/mutate.py --only 3 17     # some of them
     python tests/mutate.py --list          # what they are
 
