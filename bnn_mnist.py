@@ -646,6 +646,18 @@ def shifted_sets(x, y, n=3000, seed=0):
     return pick, shift, near
 
 
+def sets_to_score(shift, near):
+    """The near-OOD sets and every other rotation, each set once, the rotations named
+    "rotated A" (0 degrees left out: those are the digits themselves)."""
+    return near | {f"rotated {a}": v for a, v in shift.items() if a != 0 and f"rotated {a}" not in near}
+
+
+def by_angle(probs, pick, digits="MNIST"):
+    """{angle: (S, n, 10)} for SHIFT_ANGLES, from the probabilities of sets_to_score's sets
+    and of the digits (named `digits`), of which pick were rotated."""
+    return {a: probs[digits][:, pick] if a == 0 else probs[f"rotated {a}"] for a in SHIFT_ANGLES}
+
+
 def pixel_rarity(x_train):
     """The control's table: how often training digits ink each pixel, (784,) in [0, 1]."""
     return (x_train > 0).float().mean(0)
@@ -663,7 +675,7 @@ def risk_coverage(score, correct, keep=0.95):
     risk-coverage curve, the mean over k of the error rate of the k most certain
     (lower is better; lowest when every error is ranked after every right answer).
     """
-    cov, acc = accuracy_coverage_curve(score, correct)
+    _, acc = accuracy_coverage_curve(score, correct)
     k = max(1, round(keep * len(score)))
     return {"accuracy_kept": float(acc[k - 1]), "aurc": float((1 - acc).mean())}
 
@@ -718,13 +730,15 @@ def _finish(fig, path):
     return fig
 
 
-def _digit(ax, image, title=None):
-    ax.imshow(image.reshape(28, 28).cpu().numpy(), cmap="gray_r", vmin=0, vmax=1)
+def _digit(ax, image, title=None, **imshow):
+    """A 28 x 28 image on ax, without ticks or grid (a digit in [0, 1] unless imshow says otherwise)."""
+    shown = ax.imshow(image.reshape(28, 28).cpu().numpy(), **({"cmap": "gray_r", "vmin": 0, "vmax": 1} | imshow))
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)
     if title:
         ax.set_title(title, fontsize=10)
+    return shown
 
 
 def plot_reliability(probs, y, path=None, bins=15):
@@ -836,12 +850,7 @@ def plot_pixel_scales(net, freq, path=None):
             (axes[0, 0], scale, "posterior std of the pixel's weights\n(median over hidden units, log scale)",
              "magma", LogNorm()),
             (axes[0, 1], freq.cpu(), "fraction of training digits\ninking the pixel", "Greys", None)):
-        shown = ax.imshow(image.reshape(28, 28).numpy(), cmap=cmap, norm=norm)
-        fig.colorbar(shown, ax=ax, shrink=0.85)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.grid(False)
-        ax.set_title(title, fontsize=10)
+        fig.colorbar(_digit(ax, image, title, cmap=cmap, norm=norm, vmin=None, vmax=None), ax=ax, shrink=0.85)
     return _finish(fig, path)
 
 
@@ -1695,8 +1704,7 @@ def uncertainty_report(cfg, net, x_test, y_test, rule, device, out, freq):
               "ood_skipped": {}}
     ood = load_ood_sets(cfg, report)
     pick, shift, near = shifted_sets(x_test, y_test, cfg.shift_size)
-    rotated = {f"rotated {a}": v for a, v in shift.items() if a not in (0, 90, 180)}  # 90, 180: in near
-    probs = sample_probs_sets({"MNIST": x_test} | ood | near | rotated, net, cfg.unc_samples)  # {set: (S, N, 10)}
+    probs = sample_probs_sets({"MNIST": x_test} | ood | sets_to_score(shift, near), net, cfg.unc_samples)  # (S, N, 10)
     scores = {name: uncertainty(p) for name, p in probs.items()}
     mean = probs["MNIST"].mean(0)
     correct = mean.argmax(1) == y_test
@@ -1708,8 +1716,7 @@ def uncertainty_report(cfg, net, x_test, y_test, rule, device, out, freq):
     report["near_ood_auroc"] = {n: {m: auroc(scores["MNIST"][m], scores[n][m]) for m in MEASURES} for n in near}
     control = rarity_score(x_test, freq)
     report["control_auroc"] = {n: auroc(control, rarity_score(x, freq)) for n, x in (ood | near).items()}
-    by_angle = {a: probs["MNIST"][:, pick] if a == 0 else probs[f"rotated {a}"] for a in SHIFT_ANGLES}
-    report["shift"] = shift_report(by_angle, y_test[pick])
+    report["shift"] = shift_report(by_angle(probs, pick), y_test[pick])
     report["selective_measure"] = cfg.selective_measure
     report["selective"] = {m: risk_coverage(scores["MNIST"][m], correct) for m in MEASURES}
     # the article's operating point: refuse 12.5% of MNIST test, then see how much of each set

@@ -136,10 +136,9 @@ def score(sampler, measure, sets, labels, pick, ood_names):
     correct = {n: probs[n].mean(0).argmax(1) == labels[n] for n in ("val", "MNIST")}
     # selective prediction: the measure chosen on the held-out digits, reported on test
     best = min(bm.MEASURES, key=lambda m: bm.risk_coverage(u["val"][m], correct["val"])["aurc"])
-    by_angle = {a: probs["MNIST"][:, pick] if a == 0 else probs[f"rotated {a}"] for a in bm.SHIFT_ANGLES}
     return {"measure": measure, **bm.evaluate(mean, labels["MNIST"]),
             "auroc": {n: bm.auroc(u["MNIST"][measure], u[n][measure]) for n in ood_names},
-            "shift": bm.shift_report(by_angle, labels["MNIST"][pick]),
+            "shift": bm.shift_report(bm.by_angle(probs, pick), labels["MNIST"][pick]),
             "selective_measure": best, **bm.risk_coverage(u["MNIST"][best], correct["MNIST"])}
 
 
@@ -208,8 +207,7 @@ def build_sets(cfg, x_val, x_test, y_test):
     report = {"ood_skipped": {}}
     ood = bm.load_ood_sets(cfg, report)
     pick, shift, near = bm.shifted_sets(x_test, y_test, cfg.shift_size)
-    rotated = {f"rotated {a}": v for a, v in shift.items() if a not in (0, 90, 180)}
-    return {"val": x_val, "MNIST": x_test} | ood | near | rotated, pick, [*ood, *near]
+    return {"val": x_val, "MNIST": x_test} | ood | bm.sets_to_score(shift, near), pick, [*ood, *near]
 
 
 def run_seed(args, seed):

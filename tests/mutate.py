@@ -192,8 +192,8 @@ MUTANTS = [
      "uncertainty_report(cfg, net, x_test, y_test, rule, device, out, pixel_rarity(x_train))",
      "uncertainty_report(cfg, net, x_test, y_test, rule, device, out, pixel_rarity(x_test))"),
     ("report", "the shift's 0-degree row from the first test digits, not the picked ones",
-     'by_angle = {a: probs["MNIST"][:, pick] if a == 0 else',
-     'by_angle = {a: probs["MNIST"][:, : len(pick)] if a == 0 else'),
+     'return {a: probs[digits][:, pick] if a == 0 else',
+     'return {a: probs[digits][:, : len(pick)] if a == 0 else'),
     # An unseen set: 25 one-line bugs written by a reviewer who read only bnn_mnist.py and the
     # README, after the tests were written (docs/testing.md reports its score).
     ('unseen data checks', 'label 10 accepted: >= CLASSES flipped to > CLASSES',
@@ -271,6 +271,12 @@ MUTANTS = [
     ('unseen CLI settings', '--refuse-quantile ignored: run reads DEFAULTS.refuse_quantile instead of cfg',
      'cfg.measure, cfg.refuse_quantile, cfg.ambiguity_quantile',
      'cfg.measure, DEFAULTS.refuse_quantile, cfg.ambiguity_quantile'),
+    # after the unseen set
+    ("report", "the 135-degree set not scored",
+     'if a != 0 and f"rotated {a}" not in near}', 'if a not in (0, 135) and f"rotated {a}" not in near}'),
+    ("report", "the shift's 0-degree row from the rotated-15 set",
+     'return {a: probs[digits][:, pick] if a == 0 else probs[f"rotated {a}"] for a in SHIFT_ANGLES}',
+     'return {a: probs["rotated 15"] if a == 0 else probs[f"rotated {a}"] for a in SHIFT_ANGLES}'),
 ]
 
 
