@@ -2,7 +2,7 @@
 
     python benchmarks/sweep.py --data-dir ../shared/data --grid kl_weight=0.003,0.1 prior=normal,fanin \
         --seeds 0 1 --out docs/sweeps/kl_prior.jsonl      # trains each setting on each seed (~90 s each)
-    python benchmarks/sweep.py --show docs/sweeps/kl_prior.jsonl   # prints the table again, no training
+    python benchmarks/sweep.py --show docs/sweeps/kl_prior.jsonl --data-dir ../shared/data   # again, no training
 
 Each run trains on bnn_mnist's training split (its 5,000 held-out digits excluded, as the
 command line does) and is scored only on images built from those held-out digits; the test
@@ -11,7 +11,8 @@ seeds): accuracy / NLL / ECE of the held-out digits; AUROC (by the run's --measu
 held-out digits against rotated-90, rotated-180, mirrored and overlaid held-out digits and
 pixel-shuffled ones (a far set); accuracy, ECE and NLL of the held-out digits rotated by 30,
 45 and 60 degrees; selective prediction by predictive entropy (accuracy on the 95% most
-certain, AURC x 1000); training seconds. Every run is appended to --out as one JSON line,
+certain, AURC x 1000); training seconds. A last row gives the model-free control's AUROCs (ink
+weighted by how rarely training digits ink each pixel) on the same sets. Every run is appended to --out as one JSON line,
 so an interrupted sweep keeps what it measured and --show reprints it.
 
 The rule, fixed before looking: a setting replaces the defaults only if, averaged over the
@@ -77,6 +78,18 @@ def score_run(net, x_val, y_val, n, num_samples, measure):
     return row | {"kept 95%": sel["accuracy_kept"], "AURC x1000": 1000 * sel["aurc"]}
 
 
+def control_row(data_dir, n, runs):
+    """The pixel counter's AUROCs on the same held-out sets (no model, no seed): the row any
+    model's AUROC must beat. Needs the data and the runs' held-out size, not a trained net."""
+    cfg = dataclasses.replace(bm.DEFAULTS, data_dir=data_dir,
+                              val_size=runs[0]["settings"].get("val_size", bm.DEFAULTS.val_size))
+    x, _, x_val, y_val, _, _ = bm.split_data(cfg, torch.device("cpu"))
+    sets, _ = validation_sets(x_val, y_val, n)
+    freq = bm.pixel_rarity(x)
+    digits = bm.rarity_score(sets["val"], freq)
+    return {f"AUROC {k}": bm.auroc(digits, bm.rarity_score(sets[k], freq)) for k in [*bm.NEAR_OOD, "shuffled"]}
+
+
 def run_one(settings, seed, args):
     cfg = dataclasses.replace(bm.DEFAULTS, data_dir=args.data_dir, seed=seed, **settings)
     pyro.set_rng_seed(seed)
@@ -87,8 +100,9 @@ def run_one(settings, seed, args):
     return {"settings": settings, "seed": seed, **row, "train s": result["train_seconds"]}
 
 
-def table(runs):
-    """Markdown: one row per setting, each column the mean over its seeds."""
+def table(runs, control=None):
+    """Markdown: one row per setting, each column the mean over its seeds; then the control's
+    AUROCs (control_row), when given."""
     groups = {}
     for r in runs:
         groups.setdefault(json.dumps(r["settings"], sort_keys=True), []).append(r)
@@ -101,6 +115,9 @@ def table(runs):
                  f"{mean[c]:.3f}" for c in cols]
         name = ", ".join(f"{k}={v}" for k, v in json.loads(key).items()) or "defaults"
         lines.append(f"| {name} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + " |")
+    if control:
+        lines.append("| control (pixel rarity) | | " + " | ".join(f"{control[c]:.3f}" if c in control else ""
+                                                            for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -112,11 +129,17 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--shift-size", type=int, default=1500, help="held-out digits per constructed set")
     p.add_argument("--out", help="append each run to this JSON-lines file (and print the table of all of it)")
-    p.add_argument("--show", help="print the table of this JSON-lines file; train nothing")
+    p.add_argument("--show", help="print the table of this JSON-lines file; train nothing (the control's row "
+                                  "is computed from --data-dir when it holds MNIST)")
     args = p.parse_args(argv)
     if args.show:
         runs = [json.loads(line) for line in Path(args.show).read_text().splitlines() if line.strip()]
-        print(table(runs))
+        try:
+            control = control_row(args.data_dir, args.shift_size, runs)
+        except bm.Error as e:
+            control = None
+            print(f"(no control row: {e})", file=sys.stderr)
+        print(table(runs, control))
         return runs
     runs = []
     for settings in parse_grid(args.grid):
@@ -130,7 +153,7 @@ def main(argv=None):
                     f.write(json.dumps(runs[-1]) + "\n")
     if args.out:
         runs = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
-    print(table(runs))
+    print(table(runs, control_row(args.data_dir, args.shift_size, runs)))
     return runs
 
 

@@ -89,3 +89,34 @@ def test_refusal_frontier_refuses_the_most_uncertain_and_reports_both_splits(dat
     bm.save_guide(tmp_path / "norule.pt", net)
     with pytest.raises(bm.SettingsError, match="norule.pt holds no refusal rule"):
         rf.main(["--guide", str(tmp_path / "norule.pt"), "--data-dir", str(data_dir)])
+
+
+def test_sweep_runs_a_grid_appends_each_run_and_reprints_it_with_the_control(data_dir, tmp_path, capsys):
+    import json
+
+    import sweep  # noqa: E402
+
+    out = tmp_path / "runs.jsonl"
+    argv = ["--data-dir", str(data_dir), "--seeds", "0", "--shift-size", "40", "--out", str(out),
+            "--grid", "hidden_size=16", "val_size=100", "epochs=1", "unc_samples=5", "kl_weight=0.003,1"]
+    runs = sweep.main(argv)
+    printed = capsys.readouterr().out
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["settings"]["kl_weight"] for r in lines] == [0.003, 1.0] and lines == runs
+    rows = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 + 2 + 1  # header, rule, two settings, the control
+    control = sweep.control_row(str(data_dir), 40, runs)  # the pixel counter on the same held-out sets
+    cells = ["", "", ""] + [f"{control[f'AUROC {k}']:.3f}" for k in [*bm.NEAR_OOD, "shuffled"]] + [""] * 12
+    assert rows[-1] == "| control (pixel rarity) | | " + " | ".join(cells) + " |"  # AUROC columns only
+    assert f"{lines[1]['AUROC mirrored']:.3f}" in rows[3]
+    # the control by hand: numpy inking frequencies of the training split, mirrored held-out digits, pairs
+    x, y = bm.load_mnist(data_dir)
+    x_train, _, x_val, y_val = (t.numpy() for t in bm.holdout_split(x, y, 100))
+    pick = bm.shifted_sets(torch.from_numpy(x_val), torch.from_numpy(y_val), 40)[0].numpy()
+    freq = (x_train > 0).mean(0)
+    s_in = (x_val / (freq + 1e-4)).sum(1)
+    s_out = (x_val[pick].reshape(-1, 28, 28)[:, :, ::-1].reshape(-1, 784) / (freq + 1e-4)).sum(1)
+    pairs = (s_out[:, None] > s_in[None]).mean() + 0.5 * (s_out[:, None] == s_in[None]).mean()
+    assert control["AUROC mirrored"] == pytest.approx(pairs, abs=1e-5)
+    sweep.main(["--show", str(out), "--data-dir", str(data_dir), "--shift-size", "40"])  # no training
+    assert capsys.readouterr().out == printed
