@@ -3,6 +3,7 @@
     python benchmarks/sweep.py --data-dir ../shared/data --grid kl_weight=0.003,0.1 prior=normal,fanin \
         --seeds 0 1 --out docs/sweeps/kl_prior.jsonl      # trains each setting on each seed (~90 s each)
     python benchmarks/sweep.py --show docs/sweeps/kl_prior.jsonl --data-dir ../shared/data   # again, no training
+    python benchmarks/sweep.py --show docs/sweeps/*.jsonl --data-dir ../shared/data          # several files, one table
 
 Each run trains on bnn_mnist's training split (its 5,000 held-out digits excluded, as the
 command line does) and is scored only on images built from those held-out digits; the test
@@ -129,11 +130,11 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--shift-size", type=int, default=1500, help="held-out digits per constructed set")
     p.add_argument("--out", help="append each run to this JSON-lines file (and print the table of all of it)")
-    p.add_argument("--show", help="print the table of this JSON-lines file; train nothing (the control's row "
-                                  "is computed from --data-dir when it holds MNIST)")
+    p.add_argument("--show", nargs="+", help="print one table of these JSON-lines files; train nothing (the "
+                                             "control's row is computed from --data-dir when it holds MNIST)")
     args = p.parse_args(argv)
     if args.show:
-        runs = [json.loads(line) for line in Path(args.show).read_text().splitlines() if line.strip()]
+        runs = [json.loads(line) for path in args.show for line in Path(path).read_text().splitlines() if line.strip()]
         try:
             control = control_row(args.data_dir, args.shift_size, runs)
         except bm.Error as e:

@@ -60,7 +60,7 @@ MUTANTS = [
      "    with poutine.scale(scale=kl_weight):  # as in the model", "    with poutine.scale(scale=1.0):  # as in the model"),
     ("elbo", "the KL weight not passed to SVI", "partial(guide, net=net, kl_weight=kl_weight)", "partial(guide, net=net)"),
     ("elbo", "the ELBO names swapped",
-     '{"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}', '{"trace": TraceMeanField_ELBO, "meanfield": Trace_ELBO}'),
+     '{"trace": Trace_ELBO(), "meanfield": TraceMeanField_ELBO(),', '{"trace": TraceMeanField_ELBO(), "meanfield": Trace_ELBO(),'),
     ("elbo", "the scale learning-rate factor applied to the means",
      'lr * (scale_lr_factor if param_name.endswith(tuple(f"rho.{k}" for k in net.rho)) else 1.0)',
      'lr * (scale_lr_factor if param_name.endswith(tuple(f"loc.{k}" for k in net.rho)) else 1.0)'),
@@ -277,6 +277,16 @@ MUTANTS = [
     ("report", "the shift's 0-degree row from the rotated-15 set",
      'return {a: probs[digits][:, pick] if a == 0 else probs[f"rotated {a}"] for a in SHIFT_ANGLES}',
      'return {a: probs["rotated 15"] if a == 0 else probs[f"rotated {a}"] for a in SHIFT_ANGLES}'),
+    # --elbo local (local reparameterization)
+    ("elbo", "local: one noise draw shared by every image of the minibatch",
+     "return mean + var.sqrt() * torch.randn_like(mean)", "return mean + var.sqrt() * torch.randn_like(mean[:1])"),
+    ("elbo", "local: the variance from h, not h squared",
+     'var = h.square() @ scale[f"{name}_weight"].square().mT', 'var = h @ scale[f"{name}_weight"].square().mT'),
+    ("elbo", "local: the variance used as the std", "return mean + var.sqrt() * torch.randn_like(mean)",
+     "return mean + var * torch.randn_like(mean)"),
+    ("elbo", "local: the KL not weighted", "return nll + kl_weight * kl", "return nll + kl"),
+    ("elbo", "local: the minibatch not scaled to the data set",
+     "reduction=\"sum\") * (num_data or len(x_data)) / len(x_data)", "reduction=\"sum\")"),
 ]
 
 

@@ -14,12 +14,26 @@ import bench  # noqa: E402
 import bnn_mnist as bm  # noqa: E402
 
 
-def test_benchmark_runs_and_prints_the_table(capsys):
-    out = bench.main(["--steps", "3", "--warmup", "1", "--rounds", "1", "--num-samples", "2"])
+@pytest.mark.parametrize("elbo", bm.ELBOS)
+def test_benchmark_runs_and_prints_the_table(capsys, elbo):
+    out = bench.main(["--steps", "3", "--warmup", "1", "--rounds", "1", "--num-samples", "2", "--elbo", elbo])
     text = capsys.readouterr().out
     for row in ("train images/s", "train s/epoch (469 steps)", "predict s, 10k x 2 samples", "peak RSS"):
         assert row in text
     assert all(math.isfinite(v) and v > 0 for v in out.values())
+
+
+def test_the_floor_draws_the_local_estimator_as_bnn_mnist_does():
+    """--elbo local: the hand-written floor computes the very loss bnn_mnist's SVI minimises
+    (same draws from the same seed), so the two sides time the same work."""
+    net = bm.BNN(784, 16, 10, init_scale=0.2)
+    x, y = torch.rand(32, 784), torch.randint(0, 10, (32,))
+    torch.manual_seed(3)
+    ours = bm.local_reparam_loss(None, None, x, y, 600, net=net, kl_weight=0.0)
+    torch.manual_seed(3)
+    scales = {k: torch.nn.functional.softplus(r) for k, r in net.rho.items()}
+    floor = torch.nn.functional.cross_entropy(bench.floor_local_logits(net.loc, scales, x), y, reduction="sum") * 600 / 32
+    assert ours.item() == pytest.approx(floor.item(), rel=1e-5)
 
 
 def test_baselines_print_every_table_with_the_control_recomputed(data_dir, tmp_path, capsys):
@@ -120,3 +134,8 @@ def test_sweep_runs_a_grid_appends_each_run_and_reprints_it_with_the_control(dat
     assert control["AUROC mirrored"] == pytest.approx(pairs, abs=1e-5)
     sweep.main(["--show", str(out), "--data-dir", str(data_dir), "--shift-size", "40"])  # no training
     assert capsys.readouterr().out == printed
+    (tmp_path / "second.jsonl").write_text(json.dumps(dict(runs[0], seed=1)) + "\n")  # a second file: one table
+    sweep.main(["--show", str(out), str(tmp_path / "second.jsonl"), "--data-dir", str(data_dir), "--shift-size", "40"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 + 2 + 1 and rows[2].startswith("| epochs=1, hidden_size=16, kl_weight=0.003, "
+                                                         "unc_samples=5, val_size=100 | 0,1 |")  # both seeds

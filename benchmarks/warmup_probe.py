@@ -1,0 +1,68 @@
+"""Does a KL warm-up rescue the article's (untempered) ELBO in 5 epochs? A probe, not a feature.
+
+    python benchmarks/warmup_probe.py --data-dir ../shared/data --prior fanin --kl-weight 1 --warmup-epochs 3
+
+Trains like `bnn_mnist.train` (the same split, optimiser, per-step decay and estimator), except
+that the KL weight rises linearly from 0 to --kl-weight over the first --warmup-epochs epochs
+(Pyro's SVI hands step keyword arguments to the loss, so kl_weight can change per step), then
+scores the net on the held-out digits exactly as benchmarks/sweep.py does and prints one
+JSON line of the same columns. With --warmup-epochs 0 it is the sweep's run without warm-up.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bnn_mnist as bm  # noqa: E402
+from sweep import score_run  # noqa: E402
+
+
+def train_with_warmup(net, x, y, cfg, warmup_epochs):
+    steps = math.ceil(len(x) / cfg.batch_size)
+    svi, _ = bm.make_svi(net, cfg.lr, cfg.lr_decay ** (1 / steps), None, cfg.elbo, cfg.scale_lr_factor, cfg.kl_weight)
+    done = 0
+    with pyro.get_param_store().scope():
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(len(x))
+            for step in range(steps):
+                idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                ramp = min(1.0, done / (warmup_epochs * steps)) if warmup_epochs else 1.0
+                svi.step(x[idx], y[idx], len(x), kl_weight=cfg.kl_weight * ramp)
+                done += 1
+    net.trained.fill_(True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=bm.DEFAULTS.data_dir)
+    p.add_argument("--prior", choices=bm.PRIORS, default="fanin")
+    p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument("--elbo", choices=bm.ELBOS, default="local")
+    p.add_argument("--warmup-epochs", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    cfg = dataclasses.replace(bm.DEFAULTS, data_dir=args.data_dir, prior=args.prior, kl_weight=args.kl_weight,
+                              elbo=args.elbo, seed=args.seed)
+    pyro.set_rng_seed(cfg.seed)
+    x, y, x_val, y_val, _, _ = bm.split_data(cfg, torch.device("cpu"))
+    net = bm.BNN(784, cfg.hidden_size, bm.CLASSES, cfg.init_scale, cfg.prior_scale, cfg.prior)
+    t0 = time.perf_counter()
+    train_with_warmup(net, x, y, cfg, args.warmup_epochs)
+    seconds = time.perf_counter() - t0
+    settings = {"prior": cfg.prior, "kl_weight": cfg.kl_weight, "elbo": cfg.elbo, "warmup_epochs": args.warmup_epochs}
+    row = {"settings": settings, "seed": cfg.seed, **score_run(net, x_val, y_val, 1500, cfg.unc_samples, cfg.measure),
+           "train s": seconds}
+    print(json.dumps(row))
+    return row
+
+
+if __name__ == "__main__":
+    main()
