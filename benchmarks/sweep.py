@@ -105,8 +105,9 @@ def table(runs, control=None):
     """Markdown: one row per setting, each column the mean over its seeds; then the control's
     AUROCs (control_row), when given."""
     groups = {}
-    for r in runs:
-        groups.setdefault(json.dumps(r["settings"], sort_keys=True), []).append(r)
+    for r in runs:  # a setting at its default value is the defaults' run: grouped and named with it
+        changed = {k: v for k, v in r["settings"].items() if getattr(bm.DEFAULTS, k, None) != v}
+        groups.setdefault(json.dumps(changed, sort_keys=True), []).append(r)
     cols = [k for k in runs[0] if k not in ("settings", "seed")]
     lines = ["| settings | seeds | " + " | ".join(cols) + " |", "| --- " * (len(cols) + 2) + "|"]
     for key, rs in groups.items():

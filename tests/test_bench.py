@@ -137,5 +137,5 @@ def test_sweep_runs_a_grid_appends_each_run_and_reprints_it_with_the_control(dat
     (tmp_path / "second.jsonl").write_text(json.dumps(dict(runs[0], seed=1)) + "\n")  # a second file: one table
     sweep.main(["--show", str(out), str(tmp_path / "second.jsonl"), "--data-dir", str(data_dir), "--shift-size", "40"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert len(rows) == 2 + 2 + 1 and rows[2].startswith("| epochs=1, hidden_size=16, kl_weight=0.003, "
+    assert len(rows) == 2 + 2 + 1 and rows[2].startswith("| epochs=1, hidden_size=16, "
                                                          "unc_samples=5, val_size=100 | 0,1 |")  # both seeds
