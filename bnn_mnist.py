@@ -314,8 +314,8 @@ def local_reparam_loss(model, guide, x_data, y_data, num_data=None, *, net, prio
     """
     register(net)  # net.loc / net.rho are the Pyro params SVI steps
     scale = {k: F.softplus(r) for k, r in net.rho.items()}
-    kl = sum(kl_divergence(dist.Normal(loc, scale[k]), dist.Normal(0.0, prior_std(net, k, prior_scale))).sum()
-             for k, loc in net.loc.items())
+    prior = {k: dist.Normal(loc.new_zeros(()), prior_std(net, k, prior_scale)) for k, loc in net.loc.items()}
+    kl = sum(kl_divergence(dist.Normal(loc, scale[k]), prior[k]).sum() for k, loc in net.loc.items())
 
     def layer(name, h):  # h: (B, in) -> one draw of (B, out) per image
         mean = h @ net.loc[f"{name}_weight"].mT + net.loc[f"{name}_bias"]

@@ -46,7 +46,6 @@ def floor_train(net, x, y, steps, batch_size, lr, lr_decay, prior_scale, elbo, s
     names = list(net.loc)
     opt = torch.optim.Adam([{"params": locs}, {"params": rhos, "lr": lr * scale_lr_factor}], lr=lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, lr_decay)
-    log_prior = math.log(prior_scale)
     perm = torch.randperm(n, device=x.device)
     for step in range(steps):
         i = step % math.ceil(n / batch_size)
@@ -58,12 +57,7 @@ def floor_train(net, x, y, steps, batch_size, lr, lr_decay, prior_scale, elbo, s
             w = {k: m + s * torch.randn_like(m) for k, m, s in zip(names, locs, scales)}
             logits = bm.bnn_forward(w, x[idx])
         nll = F.cross_entropy(logits, y[idx], reduction="sum") * (n / len(idx))
-        if elbo == "trace":  # log q(w) - log p(w) at the sampled w (Trace_ELBO)
-            kl = sum((log_prior - s.log() - 0.5 * ((w[k] - m) / s) ** 2 + 0.5 * (w[k] / prior_scale) ** 2).sum()
-                     for k, m, s in zip(names, locs, scales))
-        else:  # meanfield, local: KL(N(m, s) || N(0, p)) = log p - log s + (s^2 + m^2) / (2 p^2) - 1/2
-            kl = sum((log_prior - s.log() + (s * s + m * m) / (2 * prior_scale**2) - 0.5).sum()
-                     for m, s in zip(locs, scales))
+        kl = floor_kl(locs, scales, [w[k] for k in names] if elbo == "trace" else None, prior_scale)
         loss = nll + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -72,14 +66,24 @@ def floor_train(net, x, y, steps, batch_size, lr, lr_decay, prior_scale, elbo, s
     return loss.item()
 
 
+def floor_kl(locs, scales, sampled, prior_scale):
+    """The KL term for lists of weight tensors: log q(w) - log p(w) at the sampled w (Trace_ELBO),
+    or exactly (sampled=None: meanfield, local), KL(N(m, s) || N(0, p)) = log p - log s + (s^2 + m^2) / (2 p^2) - 1/2."""
+    log_prior = math.log(prior_scale)
+    if sampled is not None:
+        return sum((log_prior - s.log() - 0.5 * ((w - m) / s) ** 2 + 0.5 * (w / prior_scale) ** 2).sum()
+                   for m, s, w in zip(locs, scales, sampled))
+    return sum((log_prior - s.log() + (s * s + m * m) / (2 * prior_scale**2) - 0.5).sum() for m, s in zip(locs, scales))
+
+
 def floor_local_logits(loc, scale, x):
-    """(B, 10): Normal pre-activations with the mean-field moments, one draw per image."""
-    for layer in ("fc1", "out"):
-        x = torch.relu(x) if layer == "out" else x
-        mean = x @ loc[f"{layer}_weight"].T + loc[f"{layer}_bias"]
-        std = (x * x @ (scale[f"{layer}_weight"] ** 2).T + scale[f"{layer}_bias"] ** 2).sqrt()
-        x = mean + std * torch.randn_like(mean)
-    return x
+    """(B, 10): Normal pre-activations with the mean-field moments, one draw per image and layer."""
+    mean = x @ loc["fc1_weight"].T + loc["fc1_bias"]  # (B, H)
+    std = (x * x @ (scale["fc1_weight"] ** 2).T + scale["fc1_bias"] ** 2).sqrt()
+    h = torch.relu(mean + std * torch.randn_like(mean))
+    mean = h @ loc["out_weight"].T + loc["out_bias"]  # (B, 10)
+    std = (h * h @ (scale["out_weight"] ** 2).T + scale["out_bias"] ** 2).sqrt()
+    return mean + std * torch.randn_like(mean)
 
 
 def floor_predict(locs, scales, x, num_samples):

@@ -102,12 +102,14 @@ def run_one(settings, seed, args):
 
 
 def table(runs, control=None):
-    """Markdown: one row per setting, each column the mean over its seeds; then the control's
-    AUROCs (control_row), when given."""
+    """Markdown: one row per setting, each column the mean over its seeds (the first run of each
+    seed: the same run in two files counts once); then the control's AUROCs (control_row), when given."""
     groups = {}
     for r in runs:  # a setting at its default value is the defaults' run: grouped and named with it
         changed = {k: v for k, v in r["settings"].items() if getattr(bm.DEFAULTS, k, None) != v}
-        groups.setdefault(json.dumps(changed, sort_keys=True), []).append(r)
+        group = groups.setdefault(json.dumps(changed, sort_keys=True), [])
+        if r["seed"] not in [g["seed"] for g in group]:  # one run per seed: files may hold the same run
+            group.append(r)
     cols = [k for k in runs[0] if k not in ("settings", "seed")]
     lines = ["| settings | seeds | " + " | ".join(cols) + " |", "| --- " * (len(cols) + 2) + "|"]
     for key, rs in groups.items():

@@ -26,8 +26,12 @@ from sweep import score_run  # noqa: E402
 
 
 def train_with_warmup(net, x, y, cfg, warmup_epochs):
+    """bnn_mnist.train's loop (x: (N, 784), y: (N,); cfg's optimiser, decay and estimator), with
+    the KL weight cfg.kl_weight * min(1, step / (warmup_epochs * steps per epoch)). Without
+    train's checkpoints and NaN checks: a probe needs neither. warmup_epochs 0: exactly train."""
     steps = math.ceil(len(x) / cfg.batch_size)
-    svi, _ = bm.make_svi(net, cfg.lr, cfg.lr_decay ** (1 / steps), None, cfg.elbo, cfg.scale_lr_factor, cfg.kl_weight)
+    svi, _ = bm.make_svi(net, cfg.lr, lr_decay=cfg.lr_decay ** (1 / steps), elbo=cfg.elbo,
+                         scale_lr_factor=cfg.scale_lr_factor, kl_weight=cfg.kl_weight)
     done = 0
     with pyro.get_param_store().scope():
         for _ in range(cfg.epochs):
@@ -37,7 +41,7 @@ def train_with_warmup(net, x, y, cfg, warmup_epochs):
                 ramp = min(1.0, done / (warmup_epochs * steps)) if warmup_epochs else 1.0
                 svi.step(x[idx], y[idx], len(x), kl_weight=cfg.kl_weight * ramp)
                 done += 1
-    net.trained.fill_(True)
+    net.trained.fill_(True)  # what bnn_mnist.train marks at its end
 
 
 def main(argv=None):
@@ -48,6 +52,7 @@ def main(argv=None):
     p.add_argument("--elbo", choices=bm.ELBOS, default="local")
     p.add_argument("--warmup-epochs", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift-size", type=int, default=1500, help="held-out digits per constructed set (as sweep.py)")
     args = p.parse_args(argv)
     cfg = dataclasses.replace(bm.DEFAULTS, data_dir=args.data_dir, prior=args.prior, kl_weight=args.kl_weight,
                               elbo=args.elbo, seed=args.seed)
@@ -58,7 +63,7 @@ def main(argv=None):
     train_with_warmup(net, x, y, cfg, args.warmup_epochs)
     seconds = time.perf_counter() - t0
     settings = {"prior": cfg.prior, "kl_weight": cfg.kl_weight, "elbo": cfg.elbo, "warmup_epochs": args.warmup_epochs}
-    row = {"settings": settings, "seed": cfg.seed, **score_run(net, x_val, y_val, 1500, cfg.unc_samples, cfg.measure),
+    row = {"settings": settings, "seed": cfg.seed, **score_run(net, x_val, y_val, args.shift_size, cfg.unc_samples, cfg.measure),
            "train s": seconds}
     print(json.dumps(row))
     return row

@@ -287,6 +287,8 @@ MUTANTS = [
     ("elbo", "local: the KL not weighted", "return nll + kl_weight * kl", "return nll + kl"),
     ("elbo", "local: the minibatch not scaled to the data set",
      "reduction=\"sum\") * (num_data or len(x_data)) / len(x_data)", "reduction=\"sum\")"),
+    ("elbo", "local: the KL to N(0, 1) whatever the model's prior",
+     "dist.Normal(loc.new_zeros(()), prior_std(net, k, prior_scale))", "dist.Normal(loc.new_zeros(()), 1.0)"),
 ]
 
 

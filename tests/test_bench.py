@@ -34,6 +34,10 @@ def test_the_floor_draws_the_local_estimator_as_bnn_mnist_does():
     scales = {k: torch.nn.functional.softplus(r) for k, r in net.rho.items()}
     floor = torch.nn.functional.cross_entropy(bench.floor_local_logits(net.loc, scales, x), y, reduction="sum") * 600 / 32
     assert ours.item() == pytest.approx(floor.item(), rel=1e-5)
+    torch.manual_seed(3)  # and the KL term: the same draws, the loss at kl_weight 0.5, prior N(0, 0.3)
+    ours = bm.local_reparam_loss(None, None, x, y, 600, net=net, prior_scale=0.3, kl_weight=0.5)
+    kl = bench.floor_kl(list(net.loc.values()), list(scales.values()), None, 0.3)
+    assert ours.item() == pytest.approx(floor.item() + 0.5 * kl.item(), rel=1e-5)
 
 
 def test_baselines_print_every_table_with_the_control_recomputed(data_dir, tmp_path, capsys):
@@ -135,7 +139,32 @@ def test_sweep_runs_a_grid_appends_each_run_and_reprints_it_with_the_control(dat
     sweep.main(["--show", str(out), "--data-dir", str(data_dir), "--shift-size", "40"])  # no training
     assert capsys.readouterr().out == printed
     (tmp_path / "second.jsonl").write_text(json.dumps(dict(runs[0], seed=1)) + "\n")  # a second file: one table
-    sweep.main(["--show", str(out), str(tmp_path / "second.jsonl"), "--data-dir", str(data_dir), "--shift-size", "40"])
+    sweep.main(["--show", str(out), str(tmp_path / "second.jsonl"), str(out),  # the first again: counted once
+                "--data-dir", str(data_dir), "--shift-size", "40"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(rows) == 2 + 2 + 1 and rows[2].startswith("| epochs=1, hidden_size=16, "
                                                          "unc_samples=5, val_size=100 | 0,1 |")  # both seeds
+
+
+def test_the_warmup_probe_without_warmup_trains_exactly_as_train(small_data):
+    """benchmarks/warmup_probe.py compares its rows with sweep.py's: at --warmup-epochs 0 it must be
+    bnn_mnist.train itself (same seed, same numbers), and a warm-up must change them."""
+    import dataclasses
+
+    import pyro
+    import warmup_probe
+
+    x, y, _, _ = small_data
+    cfg = dataclasses.replace(bm.DEFAULTS, epochs=2, batch_size=64, kl_weight=1.0, elbo="local")
+    nets = {}
+    for name, warmup in (("train", None), ("probe", 0.0), ("warm", 1.0)):
+        pyro.set_rng_seed(0)
+        nets[name] = bm.BNN(784, 16, 10)
+        if warmup is None:
+            bm.train(nets[name], x, y, progress=False, log=lambda *a: None, **bm.training_kwargs(cfg))
+        else:
+            warmup_probe.train_with_warmup(nets[name], x, y, cfg, warmup)
+    for k in nets["train"].loc:
+        assert torch.equal(nets["probe"].loc[k], nets["train"].loc[k])
+        assert torch.equal(nets["probe"].rho[k], nets["train"].rho[k])
+    assert not torch.equal(nets["warm"].rho["fc1_weight"], nets["train"].rho["fc1_weight"])

@@ -81,9 +81,26 @@ def test_elbo_is_the_full_data_elbo_and_both_estimators_agree(small_data):
     assert local_loss == pytest.approx(nll + 0.1 * kl, rel=0.02)
 
 
+@pytest.mark.parametrize("prior", bm.PRIORS)
+def test_local_reparameterization_weighs_the_exact_kl_to_the_models_prior(prior):
+    """--elbo local: the same draws at kl_weight 0.7 and 0 differ by 0.7 KL(q || p), with p the
+    prior the model uses (prior_std: N(0, 0.5), or 0.5 / sqrt(fan_in) on the weight matrices)."""
+    net = bm.BNN(784, H, 10, init_scale=0.1, prior_scale=0.5, prior=prior)
+    x, y = torch.rand(8, 784), torch.randint(0, 10, (8,))
+    losses = []
+    for kl_weight in (0.7, 0.0):
+        torch.manual_seed(0)
+        losses.append(bm.local_reparam_loss(None, None, x, y, 100, net=net, kl_weight=kl_weight).item())
+    fan_in = {"fc1_weight": 784, "out_weight": H}
+    kl = sum(torch.distributions.kl_divergence(
+        net.q(k).base_dist, torch.distributions.Normal(0.0, 0.5 / math.sqrt(fan_in.get(k, 1) if prior == "fanin" else 1)))
+        .sum().item() for k in net.loc)
+    assert losses[0] - losses[1] == pytest.approx(0.7 * kl, rel=1e-4)
+
+
 def test_local_reparameterization_estimates_the_same_elbo_with_less_noise(small_data):
     """--elbo local: E[loss] is TraceMeanField_ELBO's on (model, guide), at wide scales where the
-    likelihood term dominates; each image's own draw averages out in the minibatch's sum, so
+    likelihood term is a large part; each image's own draw averages out in the minibatch's sum, so
     the estimate (and the gradient of the scales) varies less than with one shared weight set."""
     x, y, _, _ = small_data
     pyro.set_rng_seed(0)
@@ -104,7 +121,7 @@ def test_local_reparameterization_estimates_the_same_elbo_with_less_noise(small_
     with pyro.get_param_store().scope():
         shared, shared_grad = draws(TraceMeanField_ELBO().differentiable_loss)
         local, local_grad = draws(partial(bm.local_reparam_loss, net=net, kl_weight=0.01))
-    assert shared.mean() > 1.5 * 0.01 * sum(  # the likelihood term dominates: a wrong one would show
+    assert shared.mean() > 1.5 * 0.01 * sum(  # the likelihood term is no small part: a wrong one would show
         torch.distributions.kl_divergence(net.q(k).base_dist, torch.distributions.Normal(0.0, 1.0)).sum().item()
         for k in net.loc)
     standard_error = math.sqrt((shared.var() + local.var()) / 300)
