@@ -12,7 +12,8 @@ seeds): accuracy / NLL / ECE of the held-out digits; AUROC (by the run's --measu
 held-out digits against rotated-90, rotated-180, mirrored and overlaid held-out digits and
 pixel-shuffled ones (a far set); accuracy, ECE and NLL of the held-out digits rotated by 30,
 45 and 60 degrees; selective prediction by predictive entropy (accuracy on the 95% most
-certain, AURC x 1000); training seconds. A last row gives the model-free control's AUROCs (ink
+certain, AURC x 1000); training seconds. Each run is named by what differs from the current defaults
+(a run records every setting it used). A last row gives the model-free control's AUROCs (ink
 weighted by how rarely training digits ink each pixel) on the same sets. Every run is appended to --out as one JSON line,
 so an interrupted sweep keeps what it measured and --show reprints it.
 
@@ -98,7 +99,13 @@ def run_one(settings, seed, args):
     net = bm.BNN(784, cfg.hidden_size, bm.CLASSES, cfg.init_scale, cfg.prior_scale, cfg.prior)
     result = bm.train(net, x, y, progress=False, log=lambda *a: None, **bm.training_kwargs(cfg))
     row = score_run(net, x_val, y_val, args.shift_size, cfg.unc_samples, cfg.measure)
-    return {"settings": settings, "seed": seed, **row, "train s": result["train_seconds"]}
+    return {"settings": recorded(cfg), "seed": seed, **row, "train s": result["train_seconds"]}
+
+
+def recorded(cfg):
+    """Every setting a run used (not where the data are, not the seed): a table names each run by
+    what differs from the defaults of the day it is printed, so it stays right when they change."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data_dir", "seed")}
 
 
 def table(runs, control=None):

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bnn_mnist as bm  # noqa: E402
-from sweep import score_run  # noqa: E402
+from sweep import recorded, score_run  # noqa: E402
 
 
 def train_with_warmup(net, x, y, cfg, warmup_epochs):
@@ -62,8 +62,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     train_with_warmup(net, x, y, cfg, args.warmup_epochs)
     seconds = time.perf_counter() - t0
-    settings = {"prior": cfg.prior, "kl_weight": cfg.kl_weight, "elbo": cfg.elbo, "warmup_epochs": args.warmup_epochs}
-    row = {"settings": settings, "seed": cfg.seed, **score_run(net, x_val, y_val, args.shift_size, cfg.unc_samples, cfg.measure),
+    row = {"settings": recorded(cfg) | {"warmup_epochs": args.warmup_epochs}, "seed": cfg.seed, **score_run(net, x_val, y_val, args.shift_size, cfg.unc_samples, cfg.measure),
            "train s": seconds}
     print(json.dumps(row))
     return row

@@ -116,11 +116,11 @@ def test_sweep_runs_a_grid_appends_each_run_and_reprints_it_with_the_control(dat
 
     out = tmp_path / "runs.jsonl"
     argv = ["--data-dir", str(data_dir), "--seeds", "0", "--shift-size", "40", "--out", str(out),
-            "--grid", "hidden_size=16", "val_size=100", "epochs=1", "unc_samples=5", "kl_weight=0.003,1"]
+            "--grid", "hidden_size=16", "val_size=100", "epochs=1", "unc_samples=5", "kl_weight=0.01,1"]
     runs = sweep.main(argv)
     printed = capsys.readouterr().out
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["settings"]["kl_weight"] for r in lines] == [0.003, 1.0] and lines == runs
+    assert [r["settings"]["kl_weight"] for r in lines] == [0.01, 1.0] and lines == runs
     rows = [line for line in printed.splitlines() if line.startswith("| ")]
     assert len(rows) == 2 + 2 + 1  # header, rule, two settings, the control
     control = sweep.control_row(str(data_dir), 40, runs)  # the pixel counter on the same held-out sets

@@ -268,13 +268,13 @@ def test_kl_weight_one_weighs_the_kl_more(cli):
 
 
 def test_training_flags_reach_the_optimiser_and_the_saved_guide(cli):
-    run = cli("--lr", "0.02", "--lr-decay", "0.7", "--scale-lr-factor", "3", "--prior-scale", "0.5",
+    run = cli("--lr", "0.02", "--lr-decay", "0.3", "--scale-lr-factor", "3", "--prior-scale", "0.5",
               "--kl-weight", "0.5", "--elbo", "meanfield", "--init-scale", "0.01", "--batch-size", "32",
               "--max-batches", "5", "--train-subset", "300", "--val-size", "50", "--hidden-size", "12",
               "--epochs", "2", "--unc-samples", "6", "--ood", "none")
     (call,) = run.svi_args
-    assert bm.DEFAULTS.elbo == "trace" and cli().svi_args[0]["args"][3] == "trace"
-    net_args = (0.02, pytest.approx(0.7 ** (1 / 5)), 0.5, "meanfield", 3.0, 0.5)  # lr, per-step decay, ...
+    assert bm.DEFAULTS.elbo == "local" and cli().svi_args[0]["args"][3] == "local"
+    net_args = (0.02, pytest.approx(0.3 ** (1 / 5)), 0.5, "meanfield", 3.0, 0.5)  # lr, per-step decay, ...
     assert call["args"] == net_args and call["kwargs"] == {}
     assert call["scales"] == pytest.approx(dict.fromkeys(call["scales"], 0.01))  # --init-scale
     assert run.epochs_seen == [{"n": 300, "batch_size": 32, "steps": 5}] * 2

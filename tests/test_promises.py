@@ -20,9 +20,9 @@ H = 8
 
 
 def test_the_documented_defaults():
-    expected = dict(data_dir="data", out_dir="out", epochs=5, batch_size=128, lr=3e-3, lr_decay=0.5,
-                    scale_lr_factor=10.0, hidden_size=1024, prior_scale=1.0, kl_weight=0.003, init_scale=1e-3,
-                    elbo="trace", num_samples=10, unc_samples=100, measure="mutual_information", threshold=None,
+    expected = dict(data_dir="data", out_dir="out", epochs=5, batch_size=128, lr=5e-3, lr_decay=0.7,
+                    scale_lr_factor=10.0, hidden_size=1024, prior_scale=1.0, kl_weight=0.01, init_scale=1e-3,
+                    elbo="local", num_samples=10, unc_samples=100, measure="mutual_information", threshold=None,
                     refuse_quantile=0.98, ambiguity_quantile=0.965, val_size=5000, ood="fashion,notmnist,noise",
                     noise_count=2000, seed=0, device="auto", max_batches=None, train_subset=None, resume=False,
                     no_plots=False)
@@ -36,9 +36,9 @@ def test_help_shows_each_default(capsys):
         bm.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert e.value.code == 0
-    for shown in ("(default: 0.003)", "(default: 0.5)", "(default: 10.0)", "(default: 0.98)", "(default: 0.965)",
+    for shown in ("(default: 0.01)", "(default: 0.005)", "(default: 0.7)", "(default: 10.0)", "(default: 0.98)", "(default: 0.965)",
                   "(default: 5000)", "(default: mutual_information)", "(default: fashion,notmnist,noise)",
-                  "(default: trace)", "(default: 128)", "(default: 1024)"):
+                  "(default: local)", "(default: 128)", "(default: 1024)"):
         assert shown in text, shown
     assert "(default: None)" not in text and "(default: False)" not in text  # explained in words instead
 
@@ -56,7 +56,7 @@ def test_library_defaults_follow_the_config():
     assert (default(bm.refusal_rule, "quantile"), default(bm.refusal_rule, "ambiguity_quantile")) == (0.98, 0.965)
     assert default(bm.holdout_split, "val_size") == 5000 and default(bm.holdout_split, "seed") == 1234
     t = default(bm.train, "epochs"), default(bm.train, "batch_size"), default(bm.train, "lr"), default(bm.train, "lr_decay")
-    assert t == (5, 128, 3e-3, 0.5) and default(bm.train, "scale_lr_factor") == 10.0
+    assert t == (5, 128, 5e-3, 0.7) and default(bm.train, "scale_lr_factor") == 10.0
     assert default(bm.make_svi, "scale_lr_factor") == 10.0 and default(bm.make_svi, "elbo") == "trace"
     assert default(bm.BNN, "init_scale") == 1e-3 and default(bm.BNN, "prior_scale") == 1.0
     assert default(bm.calibration_bins, "bins") == default(bm.expected_calibration_error, "bins") == 15
@@ -323,7 +323,7 @@ def test_the_guide_alone_defaults_to_the_tempered_kl():
     net = bm.BNN(784, H, 10)
     with pyro.get_param_store().scope():
         tr = pyro.poutine.trace(bm.guide).get_trace(net=net)
-    assert all(tr.nodes[k]["scale"] == 0.003 for k in net.loc)
+    assert all(tr.nodes[k]["scale"] == 0.01 for k in net.loc)
 
 
 def test_init_scale_is_the_guides_starting_std():
