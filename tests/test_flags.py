@@ -236,7 +236,9 @@ def test_expected_entropy_measure_is_the_whole_rule_at_the_refuse_quantile(cli):
 
 
 def test_default_rule_refuses_a_few_percent_of_held_out_digits(cli):
-    run = cli()
+    # the default 100 samples: every image of a call shares the same weight sets, so with TINY's 10
+    # one unlucky draw shifts a whole set's mutual information (test digits refused 20-30% here)
+    run = cli("--unc-samples", "100")
     u_val = measures(run.probs(held_out(100))["probs"])
     # above the 98% quantile of one measure or the 96.5% quantile of another: 2% to 5.5%
     assert 0.02 - 0.011 <= refused_by(u_val, run.m["rule"]).mean() <= 0.055 + 0.011

@@ -239,12 +239,15 @@ def test_train_takes_every_batch_and_decays_per_epoch(small_data, monkeypatch):
     assert seen["steps"] == [2]
 
 
-def test_the_default_loss_is_the_articles_trace_elbo():
+def test_each_elbo_name_is_its_estimator():
     from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
     net = bm.BNN(784, 8, 10)
-    default = bm.make_svi(net, lr=0.01)[0].loss.__self__  # SVI keeps the ELBO's bound methods
-    assert type(default) is Trace_ELBO and bm.DEFAULTS.elbo == "trace"
+    default = bm.make_svi(net, lr=0.01)[0].loss  # a loss callable: SVI keeps it as given
+    assert default.func is bm.local_reparam_loss and bm.DEFAULTS.elbo == "local"
+    assert default.keywords == {"net": net, "prior_scale": None, "kl_weight": bm.DEFAULTS.kl_weight}
+    # an ELBO object: SVI keeps its bound methods
+    assert type(bm.make_svi(net, lr=0.01, elbo="trace")[0].loss.__self__) is Trace_ELBO
     assert type(bm.make_svi(net, lr=0.01, elbo="meanfield")[0].loss.__self__) is TraceMeanField_ELBO
 
 

@@ -57,7 +57,7 @@ def test_library_defaults_follow_the_config():
     assert default(bm.holdout_split, "val_size") == 5000 and default(bm.holdout_split, "seed") == 1234
     t = default(bm.train, "epochs"), default(bm.train, "batch_size"), default(bm.train, "lr"), default(bm.train, "lr_decay")
     assert t == (5, 128, 5e-3, 0.7) and default(bm.train, "scale_lr_factor") == 10.0
-    assert default(bm.make_svi, "scale_lr_factor") == 10.0 and default(bm.make_svi, "elbo") == "trace"
+    assert default(bm.make_svi, "scale_lr_factor") == 10.0 and default(bm.make_svi, "elbo") == "local"
     assert default(bm.BNN, "init_scale") == 1e-3 and default(bm.BNN, "prior_scale") == 1.0
     assert default(bm.calibration_bins, "bins") == default(bm.expected_calibration_error, "bins") == 15
 
