@@ -474,9 +474,9 @@ def plot(x, probs, label=None, path=None):
     colors = ["#c44e52" if c == pred else "#4c72b0" for c in range(CLASSES)]
     ax.bar(range(CLASSES), mean.numpy(), color=colors, alpha=0.85, label="mean over samples")
     if len(probs) > 1:
+        # the 5-95% spread as a line of its own: a skewed spread can leave the mean outside it
         lo, hi = probs.quantile(0.05, 0), probs.quantile(0.95, 0)
-        ax.errorbar(range(CLASSES), mean.numpy(), yerr=[(mean - lo).numpy(), (hi - mean).numpy()],
-                    fmt="none", ecolor="black", capsize=3, lw=1, label="5-95% of samples")
+        ax.vlines(range(CLASSES), lo.numpy(), hi.numpy(), color="black", lw=1, label="5-95% of samples")
         jitter = (torch.rand(probs.shape) - 0.5) * 0.4
         ax.scatter((torch.arange(CLASSES) + jitter).flatten().numpy(), probs.flatten().numpy(), s=4, color="black",
                    alpha=0.25, label=f"{len(probs)} posterior samples")

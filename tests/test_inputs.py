@@ -107,3 +107,17 @@ def test_predict_prob_returns_probabilities_or_raises_value_error(net, shape, dt
 def test_plot_takes_one_image(net):
     with pytest.raises(ValueError, match=r"one 28x28 image, got shape \(2, 784\)"):
         bm.plot(torch.rand(2, 784), torch.full((10,), 0.1))
+
+
+def test_plot_draws_a_skewed_spread_around_a_mean_outside_it(tmp_path):
+    """96 samples sure of class 3 and 4 sure of class 7: class 7's mean (0.04) lies above its
+    95% quantile (0), and class 3's (0.96) below its 5% quantile (1), which an error bar centred
+    on the mean cannot draw. The whisker is the
+    spread itself, from the 5% to the 95% quantile of each class."""
+    probs = torch.zeros(100, 10)
+    probs[:96, 3], probs[96:, 7] = 1.0, 1.0
+    fig = bm.plot(torch.rand(784), probs, label=3, path=tmp_path / "p.png")
+    whiskers = [c for c in fig.axes[1].collections if c.get_label() == "5-95% of samples"][0]
+    spans = [(seg[0][1], seg[1][1]) for seg in whiskers.get_segments()]
+    assert spans[3] == pytest.approx((1.0, 1.0)) and spans[7] == pytest.approx((0.0, 0.0))
+    assert (tmp_path / "p.png").stat().st_size > 0
