@@ -168,3 +168,11 @@ def test_the_warmup_probe_without_warmup_trains_exactly_as_train(small_data):
         assert torch.equal(nets["probe"].loc[k], nets["train"].loc[k])
         assert torch.equal(nets["probe"].rho[k], nets["train"].rho[k])
     assert not torch.equal(nets["warm"].rho["fc1_weight"], nets["train"].rho["fc1_weight"])
+
+
+def test_a_later_grid_field_overrides_an_earlier_one():
+    """docs/choosing-defaults.md reruns old sweeps as `--grid $OLD lr=0.002,0.005`, OLD holding lr=0.003."""
+    import sweep
+
+    assert sweep.parse_grid(["lr=0.003", "kl_weight=0.003", "lr=0.002,0.005"]) == [
+        {"lr": 0.002, "kl_weight": 0.003}, {"lr": 0.005, "kl_weight": 0.003}]
