@@ -24,6 +24,7 @@ AUROC, ECE at 45 degrees and AURC. Among several such settings, the lowest ECE a
 """
 
 import argparse
+import copy
 import dataclasses
 import itertools
 import json
@@ -65,9 +66,17 @@ def validation_sets(x_val, y_val, n, seed=0):
     return sets, pick
 
 
-def score_run(net, x_val, y_val, n, num_samples, measure):
+def pooled_probs(sets, nets, num_samples):
+    """{name: (S, N, 10)}: num_samples posterior samples shared out over the nets (one net: its own
+    samples; several: a mixture of their posteriors, each drawn about equally often)."""
+    shares = [num_samples // len(nets) + (i < num_samples % len(nets)) for i in range(len(nets))]
+    parts = [bm.sample_probs_sets(sets, net, s) for net, s in zip(nets, shares)]
+    return {k: torch.cat([p[k] for p in parts]) for k in sets}
+
+
+def score_run(nets, x_val, y_val, n, num_samples, measure):
     sets, pick = validation_sets(x_val, y_val, n)
-    probs = bm.sample_probs_sets(sets, net, num_samples)
+    probs = pooled_probs(sets, nets, num_samples)
     u = {k: bm.uncertainty(p) for k, p in probs.items()}
     ev = bm.evaluate(probs["val"].mean(0), y_val)
     row = {"accuracy": ev["accuracy"], "nll": ev["nll"], "ece": ev["ece"]}
@@ -93,13 +102,38 @@ def control_row(data_dir, n, runs):
 
 
 def run_one(settings, seed, args):
+    """Train one setting on one seed (--members nets, seeds seed, seed + 1000, ...); score it once
+    per --inflate factor: a list of runs."""
     cfg = dataclasses.replace(bm.DEFAULTS, data_dir=args.data_dir, seed=seed, **settings)
-    pyro.set_rng_seed(seed)
     x, y, x_val, y_val, _, _ = bm.split_data(cfg, torch.device("cpu"))
-    net = bm.BNN(784, cfg.hidden_size, bm.CLASSES, cfg.init_scale, cfg.prior_scale, cfg.prior)
-    result = bm.train(net, x, y, progress=False, log=lambda *a: None, **bm.training_kwargs(cfg))
-    row = score_run(net, x_val, y_val, args.shift_size, cfg.unc_samples, cfg.measure)
-    return {"settings": recorded(cfg), "seed": seed, **row, "train s": result["train_seconds"]}
+    nets, seconds = [], 0.0
+    for k in range(args.members):
+        pyro.set_rng_seed(seed + 1000 * k)
+        nets.append(bm.BNN(784, cfg.hidden_size, bm.CLASSES, cfg.init_scale, cfg.prior_scale, cfg.prior))
+        seconds += bm.train(nets[-1], x, y, progress=False, log=lambda *a: None,
+                            **bm.training_kwargs(cfg))["train_seconds"]
+    runs = []
+    for factor in args.inflate:
+        row = score_run([inflated(net, factor) for net in nets], x_val, y_val, args.shift_size,
+                        cfg.unc_samples, cfg.measure)
+        # scoring-time settings, not Config fields; recorded only when not the plain run's
+        extra = {"inflate": factor} if factor != 1 else {}
+        extra |= {"members": args.members} if args.members != 1 else {}
+        runs.append({"settings": recorded(cfg) | extra, "seed": seed, **row, "train s": seconds})
+    return runs
+
+
+def inflated(net, factor):
+    """A copy of net whose posterior scales are factor times the trained ones (same means): does
+    widening q after training buy calibration under shift for less than a higher KL weight does?"""
+    if factor == 1:
+        return net
+    wide = copy.deepcopy(net)
+    with torch.no_grad():
+        for name, rho in wide.rho.items():
+            scale = factor * torch.nn.functional.softplus(rho)
+            rho.copy_(scale + torch.log(-torch.expm1(-scale)))  # inverse softplus
+    return wide
 
 
 def recorded(cfg):
@@ -108,28 +142,61 @@ def recorded(cfg):
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data_dir", "seed")}
 
 
-def table(runs, control=None):
-    """Markdown: one row per setting, each column the mean over its seeds (the first run of each
-    seed: the same run in two files counts once); then the control's AUROCs (control_row), when given."""
+def grouped(runs):
+    """{name: [runs]}: one group per setting, named by what differs from the defaults ("defaults" when
+    nothing does), the first run of each seed only (the same run in two files counts once)."""
     groups = {}
     for r in runs:  # a setting at its default value is the defaults' run: grouped and named with it
         changed = {k: v for k, v in r["settings"].items() if getattr(bm.DEFAULTS, k, None) != v}
-        group = groups.setdefault(json.dumps(changed, sort_keys=True), [])
+        name = ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "defaults"
+        group = groups.setdefault(name, [])
         if r["seed"] not in [g["seed"] for g in group]:  # one run per seed: files may hold the same run
             group.append(r)
+    return groups
+
+
+def mean_of(rs, cols):
+    return {c: sum(r[c] for r in rs) / len(rs) for c in cols}
+
+
+def table(runs, control=None):
+    """Markdown: one row per setting (grouped), each column the mean over its seeds; then the
+    control's AUROCs (control_row), when given."""
     cols = [k for k in runs[0] if k not in ("settings", "seed")]
     lines = ["| settings | seeds | " + " | ".join(cols) + " |", "| --- " * (len(cols) + 2) + "|"]
-    for key, rs in groups.items():
-        mean = {c: sum(r[c] for r in rs) / len(rs) for c in cols}
+    for name, rs in grouped(runs).items():
+        mean = mean_of(rs, cols)
         cells = [f"{mean[c]:.2%}" if c in ("accuracy", "kept 95%") or c.startswith("acc ") else
                  f"{mean[c]:.0f}" if c == "train s" else f"{mean[c]:.4f}" if c in ("nll", "ece") else
                  f"{mean[c]:.3f}" for c in cols]
-        name = ", ".join(f"{k}={v}" for k, v in json.loads(key).items()) or "defaults"
         lines.append(f"| {name} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + " |")
     if control:
         lines.append("| control (pixel rarity) | | " + " | ".join(f"{control[c]:.3f}" if c in control else ""
                                                             for c in cols) + " |")
     return "\n".join(lines)
+
+
+# issue 15's bars, for the frontier figure (they are set on the test digits; these are held-out ones)
+TARGETS = {"accuracy": 0.98, "ECE 45": 0.20, "AURC x1000": 0.57}
+
+
+def plot_frontier(runs, path):
+    """Each setting's mean held-out accuracy and AURC against its ECE at 45 degrees, the bars drawn:
+    the frontier every knob slides along, and how far the bars' corner lies from it."""
+    fig, axes = bm._figure(1, 2, figsize=(11, 4.2))
+    for name, rs in grouped(runs).items():
+        m = mean_of(rs, ["accuracy", "ECE 45", "AURC x1000"])
+        style = dict(marker="*", ms=14, color="C3", zorder=3) if name == "defaults" else \
+            dict(marker="o", ms=4 + 2 * len(rs), color="C0", alpha=0.7)
+        axes[0, 0].plot(m["ECE 45"], m["accuracy"], ls="", **style)
+        axes[0, 1].plot(m["ECE 45"], m["AURC x1000"], ls="", **style)
+    for ax, key, better in ((axes[0, 0], "accuracy", "above"), (axes[0, 1], "AURC x1000", "below")):
+        ax.axvline(TARGETS["ECE 45"], color="C2", ls="--")
+        ax.axhline(TARGETS[key], color="C2", ls="--")
+        ax.set(xlabel="ECE, held-out digits rotated 45 degrees", title=f"bars: left of and {better} the dashed lines")
+    axes[0, 0].set(ylabel="held-out accuracy", ylim=(0.95, 0.985))  # the untempered runs (91-95%) lie below
+    axes[0, 1].set(ylabel="AURC x 1000 (held-out digits)", yscale="log")
+    return bm._finish(fig, path)
 
 
 def main(argv=None):
@@ -139,9 +206,15 @@ def main(argv=None):
     p.add_argument("--grid", nargs="*", default=[], help="FIELD=V1,V2 ... (Config fields); their product is run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--shift-size", type=int, default=1500, help="held-out digits per constructed set")
+    p.add_argument("--inflate", type=float, nargs="+", default=[1.0],
+                   help="also score each trained net with its posterior scales times each factor (no retraining)")
+    p.add_argument("--members", type=int, default=1,
+                   help="train this many nets per run (other seeds) and pool their posterior samples")
     p.add_argument("--out", help="append each run to this JSON-lines file (and print the table of all of it)")
     p.add_argument("--show", nargs="+", help="print one table of these JSON-lines files; train nothing (the "
                                              "control's row is computed from --data-dir when it holds MNIST)")
+    p.add_argument("--frontier", help="with --show: also draw each setting's accuracy and AURC against its "
+                                      "ECE at 45 degrees into this image")
     args = p.parse_args(argv)
     if args.show:
         runs = [json.loads(line) for path in args.show for line in Path(path).read_text().splitlines() if line.strip()]
@@ -151,17 +224,20 @@ def main(argv=None):
             control = None
             print(f"(no control row: {e})", file=sys.stderr)
         print(table(runs, control))
+        if args.frontier:
+            plot_frontier(runs, args.frontier)
         return runs
     runs = []
     for settings in parse_grid(args.grid):
         for seed in args.seeds:
             t0 = time.perf_counter()
-            runs.append(run_one(settings, seed, args))
+            new = run_one(settings, seed, args)
+            runs += new
             print(f"{settings or 'defaults'} seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 with open(args.out, "a") as f:
-                    f.write(json.dumps(runs[-1]) + "\n")
+                    f.writelines(json.dumps(r) + "\n" for r in new)
     if args.out:
         runs = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
     print(table(runs, control_row(args.data_dir, args.shift_size, runs)))

@@ -64,7 +64,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     train_with_warmup(net, x, y, cfg, args.warmup_epochs)
     seconds = time.perf_counter() - t0
-    row = {"settings": recorded(cfg) | {"warmup_epochs": args.warmup_epochs}, "seed": cfg.seed, **score_run(net, x_val, y_val, args.shift_size, cfg.unc_samples, cfg.measure),
+    row = {"settings": recorded(cfg) | {"warmup_epochs": args.warmup_epochs}, "seed": cfg.seed, **score_run([net], x_val, y_val, args.shift_size, cfg.unc_samples, cfg.measure),
            "train s": seconds}
     print(json.dumps(row))
     return row

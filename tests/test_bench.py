@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import ROOT
 
@@ -144,6 +145,55 @@ def test_sweep_runs_a_grid_appends_each_run_and_reprints_it_with_the_control(dat
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(rows) == 2 + 2 + 1 and rows[2].startswith("| epochs=1, hidden_size=16, "
                                                          "unc_samples=5, val_size=100 | 0,1 |")  # both seeds
+
+
+def test_sweep_inflate_scores_one_training_with_wider_scales_and_draws_the_frontier(data_dir, tmp_path):
+    import json
+
+    import sweep
+
+    out, png = tmp_path / "runs.jsonl", tmp_path / "frontier.png"
+    grid = ["--data-dir", str(data_dir), "--seeds", "0", "--shift-size", "40", "--out", str(out),
+            "--grid", "hidden_size=16", "val_size=100", "epochs=1", "unc_samples=5"]
+    runs = sweep.main([*grid, "--inflate", "1", "3"])
+    assert [r["settings"].get("inflate") for r in runs] == [None, 3.0]  # the plain run keeps the defaults' name
+    assert runs[0]["train s"] == runs[1]["train s"] and runs[0]["ece"] != runs[1]["ece"]  # one training
+    runs = sweep.main([*grid, "--members", "2"])
+    assert list(sweep.grouped(runs)) == ["epochs=1, hidden_size=16, unc_samples=5, val_size=100",
+                                         "epochs=1, hidden_size=16, inflate=3.0, unc_samples=5, val_size=100",
+                                         "epochs=1, hidden_size=16, members=2, unc_samples=5, val_size=100"]
+    sweep.main(["--show", str(out), "--data-dir", str(data_dir), "--shift-size", "40", "--frontier", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(json.loads(out.read_text().splitlines()[1])) > 3
+
+
+def test_pooled_probs_shares_the_samples_out_over_the_nets():
+    import sweep
+
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(bm.BNN(784, 8, 10, init_scale=1e-6))
+        nets[-1].trained.fill_(True)
+    sets = {"a": torch.rand(4, 784), "b": torch.rand(3, 784)}
+    probs = sweep.pooled_probs(sets, nets, 5)
+    assert [tuple(p.shape) for p in probs.values()] == [(5, 4, 10), (5, 3, 10)]
+    for k, x in sets.items():  # samples 0-2 from the first net, 3-4 from the second (near-point posteriors)
+        for i, net in enumerate(nets):
+            mean = torch.softmax(net(x), -1)
+            torch.testing.assert_close(probs[k][[0, 1, 2] if i == 0 else [3, 4]], mean.expand(3 - i, -1, -1),
+                                       atol=1e-4, rtol=0)
+
+
+def test_inflated_multiplies_every_scale_and_leaves_the_net_alone():
+    import sweep
+
+    net = bm.BNN(784, 8, 10, init_scale=0.05)
+    wide = sweep.inflated(net, 2.5)
+    for k in net.loc:
+        assert torch.equal(wide.loc[k], net.loc[k])
+        torch.testing.assert_close(F.softplus(wide.rho[k]), 2.5 * F.softplus(net.rho[k]))
+        torch.testing.assert_close(F.softplus(net.rho[k]), torch.full_like(net.rho[k], 0.05))  # untouched
+    assert sweep.inflated(net, 1) is net
 
 
 def test_the_warmup_probe_without_warmup_trains_exactly_as_train(small_data):
