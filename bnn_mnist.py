@@ -165,6 +165,9 @@ def holdout_split(x, y, val_size=DEFAULTS.val_size, seed=1234):
 
 
 def inverse_softplus(y):
+    """The rho whose softplus is y (a float or a tensor of scales): y + log(1 - exp(-y)), stable for small y."""
+    if torch.is_tensor(y):
+        return y + torch.log(-torch.expm1(-y))
     return y + math.log(-math.expm1(-y))
 
 

@@ -131,8 +131,7 @@ def inflated(net, factor):
     wide = copy.deepcopy(net)
     with torch.no_grad():
         for name, rho in wide.rho.items():
-            scale = factor * torch.nn.functional.softplus(rho)
-            rho.copy_(scale + torch.log(-torch.expm1(-scale)))  # inverse softplus
+            rho.copy_(bm.inverse_softplus(factor * torch.nn.functional.softplus(rho)))
     return wide
 
 

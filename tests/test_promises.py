@@ -333,6 +333,13 @@ def test_init_scale_is_the_guides_starting_std():
     assert bm.inverse_softplus(0.2) == pytest.approx(math.log(math.expm1(0.2)))
 
 
+def test_inverse_softplus_takes_a_tensor_of_scales_too():
+    scales = torch.tensor([1e-6, 0.003, 0.2, 5.0, 50.0], dtype=torch.float64)
+    rho = bm.inverse_softplus(scales)
+    assert torch.allclose(torch.nn.functional.softplus(rho), scales, rtol=1e-9, atol=0)
+    assert rho[2].item() == pytest.approx(bm.inverse_softplus(0.2))
+
+
 def test_predict_or_abstain_answers_the_many_sample_class_where_it_accepts():
     net = ready_net(16, init_scale=2.0)  # samples that disagree a lot
     x = torch.rand(200, 784, generator=torch.Generator().manual_seed(0))
