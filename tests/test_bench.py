@@ -166,6 +166,40 @@ def test_sweep_inflate_scores_one_training_with_wider_scales_and_draws_the_front
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(json.loads(out.read_text().splitlines()[1])) > 3
 
 
+def test_sweep_scores_every_member_with_each_factors_scales(data_dir, monkeypatch):
+    """--members 2 --inflate 1 2: two nets trained from different seeds, each scored as trained and
+    then with its scales exactly doubled (the scores themselves are random draws; the nets are not)."""
+    import sweep
+
+    seen, score_run = [], sweep.score_run
+
+    def spy(nets, *args):
+        seen.append([{k: F.softplus(r).clone() for k, r in net.rho.items()} for net in nets])
+        return score_run(nets, *args)
+
+    monkeypatch.setattr(sweep, "score_run", spy)
+    sweep.main(["--data-dir", str(data_dir), "--seeds", "0", "--shift-size", "40", "--members", "2",
+                "--inflate", "1", "2", "--grid", "hidden_size=16", "val_size=100", "epochs=1", "unc_samples=4"])
+    assert [len(nets) for nets in seen] == [2, 2]
+    assert not torch.equal(seen[0][0]["fc1_weight"], seen[0][1]["fc1_weight"])  # two trainings
+    for plain, wide in zip(seen[0], seen[1]):
+        for k in plain:
+            torch.testing.assert_close(wide[k], 2 * plain[k])
+
+
+def test_the_frontier_plots_each_settings_means_against_its_ece_at_45(tmp_path):
+    import sweep
+
+    runs = [{"settings": {}, "seed": 0, "accuracy": 0.98, "ECE 45": 0.25, "AURC x1000": 0.8},
+            {"settings": {}, "seed": 1, "accuracy": 0.96, "ECE 45": 0.15, "AURC x1000": 1.0},
+            {"settings": {"kl_weight": 0.1}, "seed": 0, "accuracy": 0.975, "ECE 45": 0.3, "AURC x1000": 1.2}]
+    fig = sweep.plot_frontier(runs, tmp_path / "frontier.png")
+    points = [[tuple(line.get_xydata()[0]) for line in ax.lines if line.get_marker() != "None"] for ax in fig.axes]
+    assert points == [[pytest.approx((0.20, 0.97)), pytest.approx((0.3, 0.975))],
+                      [pytest.approx((0.20, 0.9)), pytest.approx((0.3, 1.2))]]
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_pooled_probs_shares_the_samples_out_over_the_nets():
     import sweep
 
