@@ -114,23 +114,28 @@ def run_one(settings, seed, args):
                             **bm.training_kwargs(cfg))["train_seconds"]
     runs = []
     for factor in args.inflate:
-        row = score_run([inflated(net, factor) for net in nets], x_val, y_val, args.shift_size,
-                        cfg.unc_samples, cfg.measure)
+        row = score_run([inflated(net, factor, args.inflate_only) for net in nets], x_val, y_val,
+                        args.shift_size, cfg.unc_samples, cfg.measure)
         # scoring-time settings, not Config fields; recorded only when not the plain run's
         extra = {"inflate": factor} if factor != 1 else {}
+        extra |= {"inflate_only": args.inflate_only} if factor != 1 and args.inflate_only else {}
         extra |= {"members": args.members} if args.members != 1 else {}
         runs.append({"settings": recorded(cfg) | extra, "seed": seed, **row, "train s": seconds})
     return runs
 
 
-def inflated(net, factor):
+def inflated(net, factor, only=None):
     """A copy of net whose posterior scales are factor times the trained ones (same means): does
-    widening q after training buy calibration under shift for less than a higher KL weight does?"""
+    widening q after training buy calibration under shift for less than a higher KL weight does?
+    only: widen just the sites whose name starts with it ("fc1": the first layer, whose weights
+    multiply the pixels, so its noise grows with ink where digits rarely have any)."""
     if factor == 1:
         return net
     wide = copy.deepcopy(net)
     with torch.no_grad():
         for name, rho in wide.rho.items():
+            if only and not name.startswith(only):
+                continue
             rho.copy_(bm.inverse_softplus(factor * torch.nn.functional.softplus(rho)))
     return wide
 
@@ -207,6 +212,8 @@ def main(argv=None):
     p.add_argument("--shift-size", type=int, default=1500, help="held-out digits per constructed set")
     p.add_argument("--inflate", type=float, nargs="+", default=[1.0],
                    help="also score each trained net with its posterior scales times each factor (no retraining)")
+    p.add_argument("--inflate-only", choices=["fc1", "out"],
+                   help="with --inflate: widen only this layer's scales (default: every layer's)")
     p.add_argument("--members", type=int, default=1,
                    help="train this many nets per run (other seeds) and pool their posterior samples")
     p.add_argument("--out", help="append each run to this JSON-lines file (and print the table of all of it)")

@@ -230,6 +230,25 @@ def test_inflated_multiplies_every_scale_and_leaves_the_net_alone():
     assert sweep.inflated(net, 1) is net
 
 
+
+def test_inflated_only_widens_the_named_layer_and_the_sweep_records_it(data_dir, monkeypatch):
+    import sweep
+
+    net = bm.BNN(784, 8, 10, init_scale=0.05)
+    wide = sweep.inflated(net, 3.0, only="fc1")
+    for k in net.rho:
+        factor = 3.0 if k.startswith("fc1") else 1.0
+        torch.testing.assert_close(F.softplus(wide.rho[k]), factor * F.softplus(net.rho[k]))
+    seen, score_run = [], sweep.score_run
+    monkeypatch.setattr(sweep, "score_run", lambda nets, *a: seen.append(nets[0]) or score_run(nets, *a))
+    runs = sweep.main(["--data-dir", str(data_dir), "--seeds", "0", "--shift-size", "40", "--inflate", "1", "2",
+                       "--inflate-only", "out", "--grid", "hidden_size=16", "val_size=100", "epochs=1",
+                       "unc_samples=4"])
+    assert [r["settings"].get("inflate_only") for r in runs] == [None, "out"]  # the plain run is the defaults'
+    for k in seen[0].rho:
+        torch.testing.assert_close(F.softplus(seen[1].rho[k]),
+                                   (2.0 if k.startswith("out") else 1.0) * F.softplus(seen[0].rho[k]))
+
 def test_the_warmup_probe_without_warmup_trains_exactly_as_train(small_data):
     """benchmarks/warmup_probe.py compares its rows with sweep.py's: at --warmup-epochs 0 it must be
     bnn_mnist.train itself (same seed, same numbers), and a warm-up must change them."""
