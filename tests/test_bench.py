@@ -279,3 +279,27 @@ def test_a_later_grid_field_overrides_an_earlier_one():
 
     assert sweep.parse_grid(["lr=0.003", "kl_weight=0.003", "lr=0.002,0.005"]) == [
         {"lr": 0.002, "kl_weight": 0.003}, {"lr": 0.005, "kl_weight": 0.003}]
+
+
+def test_every_table_in_choosing_defaults_prints_again_from_its_committed_sweep(capsys):
+    """The rule for evidence: each sweep table in docs/choosing-defaults.md is what the `--show`
+    command before it prints from the committed docs/sweeps/*.jsonl (the control row, which needs
+    MNIST, aside). A table edited by hand, or a run appended without updating the doc, fails here."""
+    import itertools
+    import re
+
+    import sweep
+
+    root = ROOT
+    lines = (root / "docs/choosing-defaults.md").read_text().splitlines()
+    command, checked = None, 0
+    for i, line in enumerate(lines):
+        m = re.search(r"sweep\.py --show (.*?) --data-dir", line)
+        command = m.group(1).split() if m else command
+        if line.startswith("| settings"):
+            doc = [t for t in itertools.takewhile(lambda t: t.startswith("|"), lines[i:]) if "| control" not in t]
+            sweep.main(["--show", *[str(root / f) for f in command], "--data-dir", str(root / "no-such-dir")])
+            printed = [t for t in capsys.readouterr().out.splitlines() if t.startswith("|")]
+            assert printed == doc, f"the table at line {i + 1} is not what {command} prints"
+            checked += 1
+    assert checked == 6
