@@ -231,23 +231,25 @@ def test_inflated_multiplies_every_scale_and_leaves_the_net_alone():
 
 
 
+def assert_widened(wide, plain, factor_of):
+    """Each posterior scale of wide is factor_of(site name) times plain's."""
+    for k in plain.rho:
+        torch.testing.assert_close(F.softplus(wide.rho[k]), factor_of(k) * F.softplus(plain.rho[k]))
+
+
 def test_inflated_only_widens_the_named_layer_and_the_sweep_records_it(data_dir, monkeypatch):
     import sweep
 
     net = bm.BNN(784, 8, 10, init_scale=0.05)
-    wide = sweep.inflated(net, 3.0, only="fc1")
-    for k in net.rho:
-        factor = 3.0 if k.startswith("fc1") else 1.0
-        torch.testing.assert_close(F.softplus(wide.rho[k]), factor * F.softplus(net.rho[k]))
+    assert_widened(sweep.inflated(net, 3.0, only="fc1"), net, lambda k: 3.0 if k.startswith("fc1") else 1.0)
     seen, score_run = [], sweep.score_run
     monkeypatch.setattr(sweep, "score_run", lambda nets, *a: seen.append(nets[0]) or score_run(nets, *a))
     runs = sweep.main(["--data-dir", str(data_dir), "--seeds", "0", "--shift-size", "40", "--inflate", "1", "2",
                        "--inflate-only", "out", "--grid", "hidden_size=16", "val_size=100", "epochs=1",
                        "unc_samples=4"])
     assert [r["settings"].get("inflate_only") for r in runs] == [None, "out"]  # the plain run is the defaults'
-    for k in seen[0].rho:
-        torch.testing.assert_close(F.softplus(seen[1].rho[k]),
-                                   (2.0 if k.startswith("out") else 1.0) * F.softplus(seen[0].rho[k]))
+    assert_widened(seen[1], seen[0], lambda k: 2.0 if k.startswith("out") else 1.0)
+
 
 def test_the_warmup_probe_without_warmup_trains_exactly_as_train(small_data):
     """benchmarks/warmup_probe.py compares its rows with sweep.py's: at --warmup-epochs 0 it must be
@@ -290,15 +292,14 @@ def test_every_table_in_choosing_defaults_prints_again_from_its_committed_sweep(
 
     import sweep
 
-    root = ROOT
-    lines = (root / "docs/choosing-defaults.md").read_text().splitlines()
+    lines = (ROOT / "docs/choosing-defaults.md").read_text().splitlines()
     command, checked = None, 0
     for i, line in enumerate(lines):
         m = re.search(r"sweep\.py --show (.*?) --data-dir", line)
         command = m.group(1).split() if m else command
         if line.startswith("| settings"):
             doc = [t for t in itertools.takewhile(lambda t: t.startswith("|"), lines[i:]) if "| control" not in t]
-            sweep.main(["--show", *[str(root / f) for f in command], "--data-dir", str(root / "no-such-dir")])
+            sweep.main(["--show", *[str(ROOT / f) for f in command], "--data-dir", str(ROOT / "no-such-dir")])
             printed = [t for t in capsys.readouterr().out.splitlines() if t.startswith("|")]
             assert printed == doc, f"the table at line {i + 1} is not what {command} prints"
             checked += 1
