@@ -96,26 +96,30 @@ def cli(data_dir, tmp_path_factory):
             return cache[flags]
         out = tmp_path_factory.mktemp("flags")
         calls, svi_args, epochs_seen = [], [], []
-        real_sample, real_svi, real_epoch = bm.sample_probs, bm.make_svi, bm.train_epoch
+        real_svi, real_epoch = bm.make_svi, bm.train_epoch
 
-        def spy_sample(x, net, num_samples=bm.DEFAULTS.num_samples, **kw):
-            rng = torch.get_rng_state()
-            probs = real_sample(x, net, num_samples, **kw)
-            calls.append({"n": len(x), "x": x.clone(), "S": num_samples, "rng": rng, "probs": probs.clone()})
-            return probs
+        def spy_sample(real, logits=False):  # the forced prediction's logits, the uncertainty's local samples
+            def spy(x, net, num_samples=bm.DEFAULTS.num_samples, **kw):
+                rng = torch.get_rng_state()
+                out = real(x, net, num_samples, **kw)
+                probs = out.softmax(-1) if logits else out
+                calls.append({"n": len(x), "x": x.clone(), "S": num_samples, "rng": rng, "probs": probs.clone()})
+                return out
+            return spy
 
         def spy_svi(net, *args, **kwargs):
             svi_args.append({"scales": {k: float(torch.nn.functional.softplus(r.detach()).mean()) for k, r in net.rho.items()},
                              "args": args, "kwargs": kwargs})
             return real_svi(net, *args, **kwargs)
 
-        def spy_epoch(svi, x_train, y_train, batch_size, state, steps, after_step=None):
+        def spy_epoch(svi, x_train, y_train, batch_size, state, steps, *args):
             epochs_seen.append({"n": len(x_train), "batch_size": batch_size, "steps": steps})
-            return real_epoch(svi, x_train, y_train, batch_size, state, steps, after_step)
+            return real_epoch(svi, x_train, y_train, batch_size, state, steps, *args)
 
         stdout = io.StringIO()
         with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
-            mp.setattr(bm, "sample_probs", spy_sample)
+            mp.setattr(bm, "sample_logits", spy_sample(bm.sample_logits, logits=True))
+            mp.setattr(bm, "sample_probs_local", spy_sample(bm.sample_probs_local))
             mp.setattr(bm, "make_svi", spy_svi)
             mp.setattr(bm, "train_epoch", spy_epoch)
             metrics = bm.main(["--data-dir", str(data_dir), "--out-dir", str(out), "--epochs", "1", *TINY, *flags])
@@ -159,7 +163,9 @@ def check_report(run, measure="mutual_information", quantile=0.98, ambiguity=0.9
     assert forced["S"] == num_samples and unc_test["S"] == unc
     f = scores_of(forced["probs"].mean(0), Y_TEST)
     assert m["test_accuracy"] == pytest.approx(f["accuracy"]) and m["test_nll"] == pytest.approx(f["nll"], rel=1e-5)
-    assert f"test accuracy {f['accuracy']:.4f}  NLL {f['nll']:.4f}  ({num_samples} samples" in run.stdout
+    assert m["test_ece"] == pytest.approx(f["ece"], rel=1e-5, abs=1e-7)
+    assert f"test accuracy {f['accuracy']:.4f}  NLL {f['nll']:.4f}  ECE {f['ece']:.4f}  ({num_samples} samples' " \
+           f"probs averaged" in run.stdout
     # calibration and abstention on the unc_samples samples
     c = scores_of(unc_test["probs"].mean(0), Y_TEST)
     assert m["calibration"] == pytest.approx(c, rel=1e-5, abs=1e-7)
@@ -195,7 +201,7 @@ def check_report(run, measure="mutual_information", quantile=0.98, ambiguity=0.9
     net = bm.load_guide(run.out / "guide.pt")
     assert net.rule == m["rule"]
     torch.set_rng_state(unc_test["rng"])
-    assert torch.equal(bm.sample_probs(unc_test["whole"]["x"], net, unc), unc_test["whole"]["probs"])
+    assert torch.equal(bm.sample_probs_local(unc_test["whole"]["x"], net, unc), unc_test["whole"]["probs"])
     assert json.loads((run.out / "metrics.json").read_text()) == json.loads(json.dumps(m))  # the file says the same
 
 
@@ -275,7 +281,7 @@ def test_training_flags_reach_the_optimiser_and_the_saved_guide(cli):
               "--max-batches", "5", "--train-subset", "300", "--val-size", "50", "--hidden-size", "12",
               "--epochs", "2", "--unc-samples", "6", "--ood", "none")
     (call,) = run.svi_args
-    assert bm.DEFAULTS.elbo == "local" and cli().svi_args[0]["args"][3] == "local"
+    assert bm.DEFAULTS.elbo == "trace" and cli().svi_args[0]["args"][3] == "trace"
     net_args = (0.02, pytest.approx(0.3 ** (1 / 5)), 0.5, "meanfield", 3.0, 0.5)  # lr, per-step decay, ...
     assert call["args"] == net_args and call["kwargs"] == {}
     assert call["scales"] == pytest.approx(dict.fromkeys(call["scales"], 0.01))  # --init-scale

@@ -131,13 +131,15 @@ def test_the_scale_lr_factor_applies_to_scales_only_and_every_rate_decays():
 def test_the_cli_uses_the_sample_counts_it_is_given(tmp_path, data_dir, monkeypatch, capsys):
     # bugs: --num-samples or --unc-samples ignored
     calls = []
-    real = bm.sample_probs
 
-    def spy(x, net, num_samples=bm.DEFAULTS.num_samples, **kw):
-        calls.append((len(x), num_samples))
-        return real(x, net, num_samples, **kw)
+    def spy(real):
+        def draw(x, net, num_samples=bm.DEFAULTS.num_samples, **kw):
+            calls.append((len(x), num_samples))
+            return real(x, net, num_samples, **kw)
+        return draw
 
-    monkeypatch.setattr(bm, "sample_probs", spy)
+    monkeypatch.setattr(bm, "sample_logits", spy(bm.sample_logits))  # the forced prediction
+    monkeypatch.setattr(bm, "sample_probs_local", spy(bm.sample_probs_local))  # the rule and the report
     m = bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY,
                  "--num-samples", "7", "--unc-samples", "13"])
     # the forced prediction on the 200 test digits; the held-out 100; then every set in one pass
@@ -219,9 +221,9 @@ def test_train_takes_every_batch_and_decays_per_epoch(small_data, monkeypatch):
     seen = {}
     real_epoch, real_svi = bm.train_epoch, bm.make_svi
 
-    def spy_epoch(svi, x_train, y_train, batch_size, state, steps, after_step=None):
+    def spy_epoch(svi, x_train, y_train, batch_size, state, steps, *args):
         seen.setdefault("steps", []).append(steps)
-        loss = real_epoch(svi, x_train, y_train, batch_size, state, steps, after_step)
+        loss = real_epoch(svi, x_train, y_train, batch_size, state, steps, *args)
         seen.setdefault("perms", []).append(state["perm"].clone())
         return loss
 
@@ -243,11 +245,11 @@ def test_each_elbo_name_is_its_estimator():
     from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
     net = bm.BNN(784, 8, 10)
-    default = bm.make_svi(net, lr=0.01)[0].loss  # a loss callable: SVI keeps it as given
-    assert default.func is bm.local_reparam_loss and bm.DEFAULTS.elbo == "local"
-    assert default.keywords == {"net": net, "prior_scale": None, "kl_weight": bm.DEFAULTS.kl_weight}
+    local = bm.make_svi(net, lr=0.01, elbo="local")[0].loss  # a loss callable: SVI keeps it as given
+    assert local.func is bm.local_reparam_loss and bm.DEFAULTS.elbo == "trace"
+    assert local.keywords == {"net": net, "prior_scale": None, "kl_weight": bm.DEFAULTS.kl_weight}
     # an ELBO object: SVI keeps its bound methods
-    assert type(bm.make_svi(net, lr=0.01, elbo="trace")[0].loss.__self__) is Trace_ELBO
+    assert type(bm.make_svi(net, lr=0.01)[0].loss.__self__) is Trace_ELBO
     assert type(bm.make_svi(net, lr=0.01, elbo="meanfield")[0].loss.__self__) is TraceMeanField_ELBO
 
 

@@ -22,7 +22,8 @@ H = 8
 def test_the_documented_defaults():
     expected = dict(data_dir="data", out_dir="out", epochs=5, batch_size=128, lr=5e-3, lr_decay=0.7,
                     scale_lr_factor=10.0, hidden_size=1024, prior_scale=1.0, kl_weight=0.01, init_scale=1e-3,
-                    elbo="local", num_samples=10, unc_samples=100, measure="mutual_information", threshold=None,
+                    elbo="trace", kl_per_batch=False, init="torch", average="probs", sampler="local",
+                    rule="quantiles", num_samples=10, unc_samples=100, measure="mutual_information", threshold=None,
                     refuse_quantile=0.98, ambiguity_quantile=0.965, val_size=5000, ood="fashion,notmnist,noise",
                     noise_count=2000, seed=0, device="auto", max_batches=None, train_subset=None, resume=False,
                     no_plots=False)
@@ -38,7 +39,7 @@ def test_help_shows_each_default(capsys):
     assert e.value.code == 0
     for shown in ("(default: 0.01)", "(default: 0.005)", "(default: 0.7)", "(default: 10.0)", "(default: 0.98)", "(default: 0.965)",
                   "(default: 5000)", "(default: mutual_information)", "(default: fashion,notmnist,noise)",
-                  "(default: local)", "(default: 128)", "(default: 1024)"):
+                  "(default: trace)", "(default: 128)", "(default: 1024)"):
         assert shown in text, shown
     assert "(default: None)" not in text and "(default: False)" not in text  # explained in words instead
 
@@ -57,7 +58,7 @@ def test_library_defaults_follow_the_config():
     assert default(bm.holdout_split, "val_size") == 5000 and default(bm.holdout_split, "seed") == 1234
     t = default(bm.train, "epochs"), default(bm.train, "batch_size"), default(bm.train, "lr"), default(bm.train, "lr_decay")
     assert t == (5, 128, 5e-3, 0.7) and default(bm.train, "scale_lr_factor") == 10.0
-    assert default(bm.make_svi, "scale_lr_factor") == 10.0 and default(bm.make_svi, "elbo") == "local"
+    assert default(bm.make_svi, "scale_lr_factor") == 10.0 and default(bm.make_svi, "elbo") == "trace"
     assert default(bm.BNN, "init_scale") == 1e-3 and default(bm.BNN, "prior_scale") == 1.0
     assert default(bm.calibration_bins, "bins") == default(bm.expected_calibration_error, "bins") == 15
 
@@ -114,7 +115,8 @@ def test_training_kwargs_hand_every_training_flag_to_train():
     cfg = bm.parse_args(["--epochs", "2", "--batch-size", "3", "--lr", "0.1", "--lr-decay", "0.2", "--scale-lr-factor",
                          "4", "--prior-scale", "0.3", "--kl-weight", "0.7", "--elbo", "meanfield", "--max-batches", "9"])
     assert bm.training_kwargs(cfg) == dict(epochs=2, batch_size=3, lr=0.1, lr_decay=0.2, scale_lr_factor=4.0,
-                                           prior_scale=0.3, kl_weight=0.7, elbo="meanfield", max_batches=9)
+                                           prior_scale=0.3, kl_weight=0.7, elbo="meanfield", kl_per_batch=False,
+                                           max_batches=9)
 
 
 # -----------------------------------------------------------------------------
@@ -250,7 +252,7 @@ def test_expected_entropy_rule_uses_its_own_quantile_not_the_ambiguity_one(small
     pyro.set_rng_seed(3)
     rule = bm.refusal_rule(xt, net, "expected_entropy", quantile=0.5, ambiguity_quantile=0.99, num_samples=6)
     pyro.set_rng_seed(3)
-    ee = bm.uncertainty(bm.sample_probs(xt, net, 6))["expected_entropy"]
+    ee = bm.uncertainty(bm.sample_probs_local(xt, net, 6))["expected_entropy"]
     assert rule == {"expected_entropy": pytest.approx(np.quantile(ee.double().numpy(), 0.5))}
 
 
@@ -260,13 +262,13 @@ def test_refusal_rule_draws_the_samples_it_is_told(small_data):
     pyro.set_rng_seed(3)
     rule = bm.refusal_rule(xt, net, "mutual_information", 0.9, 0.8, num_samples=4)
     pyro.set_rng_seed(3)
-    u = bm.uncertainty(bm.sample_probs(xt, net, 4))
+    u = bm.uncertainty(bm.sample_probs_local(xt, net, 4))
     assert rule == {"mutual_information": pytest.approx(np.quantile(u["mutual_information"].double().numpy(), 0.9)),
                     "expected_entropy": pytest.approx(np.quantile(u["expected_entropy"].double().numpy(), 0.8))}
     pyro.set_rng_seed(3)
     default = bm.refusal_rule(xt, net)  # the defaults: 100 samples, 0.98 and 0.965
     pyro.set_rng_seed(3)
-    u = bm.uncertainty(bm.sample_probs(xt, net, 100))
+    u = bm.uncertainty(bm.sample_probs_local(xt, net, 100))
     assert default == {"mutual_information": pytest.approx(np.quantile(u["mutual_information"].double().numpy(), 0.98)),
                        "expected_entropy": pytest.approx(np.quantile(u["expected_entropy"].double().numpy(), 0.965))}
 
@@ -319,11 +321,12 @@ def test_make_svi_uses_the_prior_scale_it_is_given():
     assert tr.nodes["out_bias"]["scale"] == bm.DEFAULTS.kl_weight  # the default objective
 
 
-def test_the_guide_alone_defaults_to_the_tempered_kl():
+def test_the_guide_alone_is_the_articles_and_svis_guide_is_tempered():
     net = bm.BNN(784, H, 10)
+    svi, _ = bm.make_svi(net, 0.01)
     with pyro.get_param_store().scope():
-        tr = pyro.poutine.trace(bm.guide).get_trace(net=net)
-    assert all(tr.nodes[k]["scale"] == 0.01 for k in net.loc)
+        alone, in_svi = (pyro.poutine.trace(g).get_trace(net=net) for g in (bm.guide, svi.guide))
+    assert all(alone.nodes[k]["scale"] == 1.0 and in_svi.nodes[k]["scale"] == 0.01 for k in net.loc)
 
 
 def test_init_scale_is_the_guides_starting_std():
@@ -346,6 +349,7 @@ def test_predict_or_abstain_answers_the_many_sample_class_where_it_accepts():
     pyro.set_rng_seed(0)
     answers = bm.predict_or_abstain(x, net, {"max_prob": 1.0}, num_samples=50)  # never refuses
     pyro.set_rng_seed(0)
-    assert torch.equal(answers, bm.predict(x, net, 50))
+    assert torch.equal(answers, bm.sample_probs_local(x, net, 50).mean(0).argmax(-1))
     pyro.set_rng_seed(0)
-    assert (bm.predict(x, net, 1) != answers).float().mean() > 0.1  # one sample's class is another answer
+    one = bm.sample_probs_local(x, net, 1)[0].argmax(-1)
+    assert (one != answers).float().mean() > 0.1  # one sample's class is another answer

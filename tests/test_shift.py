@@ -98,7 +98,7 @@ def test_sets_scored_in_one_pass_equal_one_call_on_their_concatenation():
     pyro.set_rng_seed(4)
     both = bm.sample_probs_sets({"a": a, "b": b}, net, 5)
     pyro.set_rng_seed(4)
-    whole = bm.sample_probs(torch.cat([a, b]), net, 5)
+    whole = bm.sample_probs_local(torch.cat([a, b]), net, 5)
     assert both["a"].shape == (5, 7, 10) and torch.equal(torch.cat([both["a"], both["b"]], 1), whole)
 
 
@@ -142,8 +142,8 @@ def test_the_run_reports_near_ood_shift_selective_and_control_from_its_own_sampl
     seen = {}
     real = bm.sample_probs_sets
 
-    def spy(sets, net, num_samples=bm.DEFAULTS.unc_samples):
-        seen["sets"], seen["probs"] = sets, real(sets, net, num_samples)
+    def spy(sets, net, num_samples=bm.DEFAULTS.unc_samples, *args):
+        seen["sets"], seen["probs"] = sets, real(sets, net, num_samples, *args)
         return seen["probs"]
 
     monkeypatch.setattr(bm, "sample_probs_sets", spy)
