@@ -1,31 +1,31 @@
 """A Bayesian neural network on MNIST with Pyro: the 2018 tutorial, working and correct.
 
 A 784-1024-10 ReLU network whose weights all have Normal(0, 1) priors, a mean-field
-Normal guide whose scales go through softplus, fitted by SVI and Adam; predictions average
-the class probabilities of posterior samples, and the network says "I don't know" when its
-samples disagree.
+Normal guide whose scales go through softplus, fitted by SVI (the article's Trace_ELBO on
+`model` and `guide`) and Adam; predictions average the class probabilities of posterior
+samples, and the network says "I don't know" when its samples disagree.
 
-One departure from the article changes what is optimised: by default the KL term of the
-ELBO is weighted by beta = kl_weight = 0.01, a tempered objective,
+`model` and `guide` are the article's. One departure changes what training optimises: by
+default make_svi and train weight the ELBO's KL term by beta = kl_weight = 0.01, a tempered
+objective,
 
     E_q[log p(D | w)] - beta * KL(q(w) || p(w)),
 
 because with beta = 1 the guide's scales either barely leave their start in 5 epochs (the
 article's optimiser: the samples agree everywhere) or, learning 10x faster as here, widen all
 814,090 weights toward the Normal(0, 1) prior and cost accuracy. `--kl-weight 1` (or
-kl_weight=1.0 in model, guide, make_svi and train) is the article's ELBO. Why the samples
-still disagree on foreign images: weights of pixels that digits never ink get no pull from
-the data and stay as wide as the prior (docs/how-it-works.md; posterior_scale.png).
+kl_weight=1.0 in make_svi and train) is the article's ELBO; `--article` (ARTICLE, ARTICLE_TRAIN)
+its whole recipe as written. Why the samples still disagree on foreign images: weights of pixels
+that digits never ink get no pull from the data and stay as wide as the prior
+(docs/how-it-works.md; posterior_scale.png). The defaults were chosen on held-out training
+digits: docs/choosing-defaults.md.
 
-A second departure changes only how SVI estimates that objective: the article's Trace_ELBO
-draws one weight set per minibatch; by default each image draws its own pre-activations
-(local reparameterization, `local_reparam_loss`): the same expected loss, less noise, faster
-steps. `--elbo trace` is the article's estimator. The defaults (kl_weight, lr, lr_decay and
-this) were chosen on held-out training digits: docs/choosing-defaults.md.
-
-Full run (MNIST under ./data is downloaded by torchvision when missing):
+Full run (MNIST under ./data is downloaded by torchvision when missing), then your own images:
 
     python bnn_mnist.py --data-dir data --out-dir out
+    python bnn_mnist.py predict my_digit.png      # with out/guide.pt
+    python bnn_mnist.py serve                     # a page to draw on, http://127.0.0.1:8000/
+    python bnn_mnist.py --article                 # the article's recipe as written
 
 Smoke run (two capped epochs on a small subset, no out-of-distribution sets):
 
@@ -39,10 +39,11 @@ From a notebook (docs/tutorial.ipynb walks through every step):
     probs = bm.predict_prob(x[:8], net)             # (8, 10), rows sum to 1
     bm.plot(x[0], bm.sample_probs(x[:1], net, 100)[:, 0], label=y[0])
 
-The file is in five parts. Part I is the article, step by step: data, the BNN, model,
+The file is in six parts. Part I is the article, step by step: data, the BNN, model,
 guide, optimizer and SVI, the training loop, prediction, the plot. Part II says "I don't
 know"; Part III draws the figures; Part IV is the plumbing a real tool needs (settings,
-input checks, data files, checkpoints, signals); Part V runs it all from the command line.
+input checks, data files, checkpoints, signals); Part V answers your own images and serves
+the page; Part VI runs it all from the command line.
 
 References: Blundell et al. 2015, "Weight Uncertainty in Neural Networks";
 the 2018 articles "Tutorial: Bayesian Neural Networks with Pyro" and
@@ -78,6 +79,17 @@ from pyro.optim import ClippedAdam
 
 # torchvision, matplotlib, seaborn, tqdm and PIL are imported where they are used, so
 # that `import bnn_mnist` stays fast and silent.
+
+__all__ = [  # what the README, the notebook and a user's own code need; the rest is the module's plumbing
+    "Config", "DEFAULTS", "ARTICLE", "ARTICLE_TRAIN", "load_mnist", "holdout_split", "BNN", "model", "guide",
+    "make_svi", "train_epoch", "train", "sample_weights", "sample_logits", "sample_probs", "predict_prob",
+    "predict", "pyro_predictive_prob", "plot", "sample_probs_local", "uncertainty", "median_probs",
+    "max_median_prob", "refusal_rule", "article_rule", "refuses", "predict_or_abstain", "evaluate", "auroc",
+    "expected_calibration_error", "shifted_sets", "pixel_rarity", "rarity_score", "sample_probs_sets",
+    "plot_reliability", "plot_coverage", "plot_histograms", "plot_examples", "plot_pixel_scales", "plot_shift",
+    "prepare_image", "answer", "describe", "predict_files", "make_server", "save_guide", "load_guide",
+    "load_notmnist", "load_fashion", "local_reparam_loss", "Error", "main",
+]
 
 # -----------------------------------------------------------------------------
 # Settings: every default is written here once; argparse (Part IV) reads them from here.
@@ -230,7 +242,7 @@ class BNN(nn.Module):
 
     def forward(self, x):
         check_trained(self)
-        return bnn_forward(dict(self.loc), x)
+        return bnn_forward(dict(self.loc), to_images(x).to(self.device))  # the input checks of predict_prob
 
 
 PRIORS = ("normal", "fanin")
@@ -407,6 +419,9 @@ def train(net, x_train, y_train, *, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.
     """
     if prior_scale is not None:
         net.prior_scale = prior_scale
+    if bool(net.trained) and plumbing.get("resume_state") is None:
+        log("note: this net is trained already: training goes on from its posterior with a fresh Adam "
+            "and learning-rate schedule (bm.BNN() starts a new one)")
     steps = math.ceil(len(x_train) / batch_size)
     steps = min(steps, max_batches) if max_batches else steps
     # lr_decay per epoch, applied smoothly at every step; it does not depend on `epochs`,
@@ -507,11 +522,12 @@ def normalize(x):
     return (x - x.min()) / span if span > 0 else torch.zeros_like(x)
 
 
-def plot(x, probs, label=None, path=None):
+def plot(x, probs, label=None, path=None, generator=None):
     """The article's figure for one image (784,), (28, 28) or (1, 28, 28).
 
     probs: (S, 10) sample probabilities (bars: their mean; whiskers: the 5-95% spread;
     dots: the samples) or (10,). Saved to path if given, else shown; returns the figure.
+    generator: the dots' horizontal jitter (default: a fixed one; the global RNG is left alone).
     """
     image, probs = check_plot_inputs(x, probs)
     mean = probs.mean(0)
@@ -525,7 +541,7 @@ def plot(x, probs, label=None, path=None):
         # the 5-95% spread as a line of its own: a skewed spread can leave the mean outside it
         lo, hi = probs.quantile(0.05, 0), probs.quantile(0.95, 0)
         ax.vlines(range(CLASSES), lo.numpy(), hi.numpy(), color="black", lw=1, label="5-95% of samples")
-        jitter = (torch.rand(probs.shape) - 0.5) * 0.4
+        jitter = (torch.rand(probs.shape, generator=generator or torch.Generator().manual_seed(0)) - 0.5) * 0.4
         ax.scatter((torch.arange(CLASSES) + jitter).flatten().numpy(), probs.flatten().numpy(), s=4, color="black",
                    alpha=0.25, label=f"{len(probs)} posterior samples")
     ax.set(xticks=range(CLASSES), ylim=(0, 1.02), xlabel="class", ylabel="predictive probability",
@@ -549,11 +565,15 @@ def plot(x, probs, label=None, path=None):
 # mean x loc^T + loc_b and variance x^2 scale^2^T + scale_b^2, independently per unit (the
 # local reparameterization trick of `local_reparam_loss`, used at prediction time). So each
 # image's S samples come from one matrix product for the mean and one for the variance, then
-# S cheap draws of (B, H). Each image's samples are exact, independent draws of its predictive
-# distribution; what differs is only how images are coupled: one sample's noise and output
-# weights are shared by all images (as a weight set is), but its first-layer weights are not
-# one matrix. No per-image measure (entropies, mutual information, the refusal rule, AUROC,
-# ECE, NLL) depends on that coupling; `sample_probs` gives joint draws of whole networks.
+# S Normal draws of its H pre-activations, and the output layer's S weight sets (10 x H each).
+#
+# Each image's samples are exact, independent draws of its predictive distribution. What
+# differs from weight sets is how images are coupled, which no per-image number (entropies,
+# mutual information, the refusal rule) sees, but numbers over many images (an AUROC, the
+# fraction refused) do: if every image took the same S noise vectors, those numbers would swing
+# from one draw to the next far more than with weight sets. So each image takes its own S
+# consecutive rows, from a random offset, of a pool of Normal vectors many times larger than S:
+# two images rarely share a row, and the pool costs a copy per row instead of a fresh draw.
 
 
 def sample_probs_local(x, net, num_samples=DEFAULTS.unc_samples, generator=None):
@@ -561,30 +581,37 @@ def sample_probs_local(x, net, num_samples=DEFAULTS.unc_samples, generator=None)
     return sample_logits_local(x, net, num_samples, generator).softmax(-1)
 
 
-def sample_logits_local(x, net, num_samples=DEFAULTS.unc_samples, generator=None, max_elements=2**22):
+def sample_logits_local(x, net, num_samples=DEFAULTS.unc_samples, generator=None, max_elements=2**21):
     """The logits of num_samples exact per-image posterior draws: (S, B, 10).
 
-    generator: a torch.Generator for the draws (default: the global RNG). Works in chunks of
-    at most max_elements hidden activations (16 MiB by default).
+    generator: a torch.Generator for the draws (default: the global RNG). Works in blocks of at
+    most max_elements hidden activations (8 MiB by default).
     """
     check_num_samples(num_samples)
     check_trained(net)
-    x = to_images(x).to(net.device)
+    x, S = to_images(x).to(net.device), num_samples
     with torch.no_grad():
         scale = {k: F.softplus(r) for k, r in net.rho.items()}
         mean = torch.addmm(net.loc["fc1_bias"], x, net.loc["fc1_weight"].mT)  # (B, H)
         std = (x.square() @ scale["fc1_weight"].square().mT + scale["fc1_bias"].square()).sqrt_()  # (B, H)
+        B, H = mean.shape
         draw = partial(torch.randn, device=x.device, generator=generator)
-        eps = draw(num_samples, mean.shape[1])  # (S, H): one noise vector per sample
-        out_w = net.loc["out_weight"] + scale["out_weight"] * draw(num_samples, *net.loc["out_weight"].shape)  # (S, C, H)
-        out_b = net.loc["out_bias"] + scale["out_bias"] * draw(num_samples, *net.loc["out_bias"].shape)  # (S, C)
-        out = torch.empty(num_samples, len(x), out_b.shape[1], device=x.device)  # (S, B, C)
-        rows = max(1, min(len(x), max_elements // mean.shape[1]))  # chunks of (s, rows, H) activations
-        step = max(1, max_elements // (rows * mean.shape[1]))
-        for s in range(0, num_samples, step):
-            for b in range(0, len(x), rows):
-                h = torch.addcmul(mean[b : b + rows], std[b : b + rows], eps[s : s + step, None]).relu_()  # (s, b, H)
-                out[s : s + step, b : b + rows] = torch.baddbmm(out_b[s : s + step, None], h, out_w[s : s + step].mT)
+        pool = draw(S + max(S, min(63 * S, 2**22 // H)), H)  # (P, H): image b's sample s is row offset[b] + s
+        offset = torch.randint(len(pool) - S + 1, (B,), device=x.device, generator=generator)
+        out_w = net.loc["out_weight"] + scale["out_weight"] * draw(S, *net.loc["out_weight"].shape)  # (S, C, H)
+        out_b = net.loc["out_bias"] + scale["out_bias"] * draw(S, *net.loc["out_bias"].shape)  # (S, C)
+        out = torch.empty(S, B, out_b.shape[1], device=x.device)  # (S, B, C)
+        rows = max(1, min(B, 2**19 // H))  # blocks of (k samples, rows images, H) activations, in cache
+        k = max(1, min(S, max_elements // (rows * H)))
+        buffer = torch.empty(k * rows * H, device=x.device)
+        for b in range(0, B, rows):
+            m, sd, off = mean[b : b + rows], std[b : b + rows], offset[b : b + rows]
+            for s in range(0, S, k):
+                ks = min(k, S - s)
+                idx = (off + torch.arange(s, s + ks, device=x.device)[:, None]).flatten()  # (ks * rows,)
+                h = torch.index_select(pool, 0, idx, out=buffer[: len(idx) * H].view(-1, H)).view(ks, len(m), H)
+                torch.addcmul(m, sd, h, out=h).relu_()  # (ks, rows, H): the hidden units of each image
+                out[s : s + ks, b : b + rows] = torch.baddbmm(out_b[s : s + ks, None], h, out_w[s : s + ks].mT)
     return out
 
 
@@ -1084,6 +1111,10 @@ class SettingsError(Error, ValueError):
 
 class NotTrained(Error, ValueError):
     """A net without a trained posterior was asked to predict."""
+
+
+class ImageError(Error, ValueError):
+    """A picture that cannot be answered: not an image, empty, or without ink."""
 
 
 class TrainingDiverged(Error, RuntimeError):
@@ -1626,7 +1657,9 @@ def build_parser():
     d, pos_int, pos_float = DEFAULTS, _positive(int), _positive(float)
     p = argparse.ArgumentParser(
         prog="bnn_mnist.py", formatter_class=_HelpFormatter,
-        description="Train a Bayesian neural network on MNIST with Pyro; predict, say 'I don't know'.")
+        description="Train a Bayesian neural network on MNIST with Pyro; predict, say 'I don't know'.",
+        epilog="Then: `python bnn_mnist.py predict FILE ...` answers your own images, and `python bnn_mnist.py "
+               "serve` opens a page to draw on (each has its own --help).")
     g = p.add_argument_group("data and outputs")
     g.add_argument("--data-dir", default=d.data_dir, help="folder holding MNIST/raw (downloaded there if missing)")
     g.add_argument("--out-dir", default=d.out_dir, help="every output goes here: metrics.json, guide.pt, PNGs")
@@ -1762,7 +1795,262 @@ def apply_article(args, given):
 
 
 # =============================================================================
-# Part V. The whole run, from the command line or `main([...])` in a notebook.
+# Part V. Your own images: prepared as MNIST's digits were, answered with the posterior's
+# spread (`python bnn_mnist.py predict FILE ...`), and a page to draw on (`... serve`).
+# =============================================================================
+
+
+def prepare_image(image):
+    """A picture of one digit made into an MNIST input: (784,) float in [0, 1].
+
+    image: a file path, bytes of an image file, a PIL image, or a 2-D array of gray levels
+    in [0, 1]. MNIST's recipe: grayscale, light ink on a dark ground (a light background is
+    inverted), cropped to the ink, fitted into 20x20 keeping the aspect ratio, and placed in
+    28x28 with its centre of mass at the centre. Raises ImageError for an unreadable file or
+    a picture without ink.
+    """
+    import numpy as np
+
+    gray = _gray_levels(image)  # (H, W) in [0, 1]
+    if np.median(_border(gray)) > 0.5:  # dark ink on a light background, as on paper: invert
+        gray = 1 - gray
+    border = _border(gray)
+    background = float(np.median(border))
+    span = float(gray.max()) - background
+    if span < 0.15:
+        raise ImageError("no ink: the picture is one flat shade")
+    ink = np.clip((gray - background) / span, 0, 1)
+    # the paper's grain is not ink: cut at 6 noise sds of the border (robustly: no stray speck widens the
+    # crop), at least 0.02
+    noise = 1.4826 * float(np.median(np.abs(border - background))) / span
+    ink[ink < min(0.5, max(0.02, 6 * noise))] = 0
+    rows, cols = np.nonzero(ink)
+    crop = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    return torch.from_numpy(_centre_by_mass(_fit(crop, 20))).float().reshape(784)
+
+
+def _border(gray):
+    """The outermost pixels of a picture (H, W), flat."""
+    import numpy as np
+
+    return np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+
+
+def _gray_levels(image):
+    """(H, W) float array in [0, 1] from a path, bytes, a PIL image or an array."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, (str, Path)) and not Path(image).is_file():
+        raise ImageError("no such file")
+    if isinstance(image, (str, Path, bytes)):
+        try:
+            with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
+                return _gray_levels(im.copy())
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise ImageError(f"not an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if isinstance(image, Image.Image):
+        if image.mode in ("RGBA", "LA", "P"):  # transparency: on a white background, as on paper
+            image = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255
+    gray = np.asarray(image, dtype=np.float32)
+    if gray.ndim != 2 or min(gray.shape) < 1 or max(gray.shape) > 4096:
+        raise ImageError(f"pixels must be a 2-D grid of at most 4096 x 4096 gray levels, got shape {gray.shape}")
+    if not np.isfinite(gray).all() or gray.min() < 0 or gray.max() > 1:
+        raise ImageError("pixels must be finite gray levels in [0, 1]")
+    return gray
+
+
+def _fit(ink, size):
+    """ink (h, w) resized so that its longer side is `size`, keeping the aspect ratio."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = ink.shape
+    scale = size / max(h, w)
+    shape = (max(1, round(w * scale)), max(1, round(h * scale)))
+    resized = Image.fromarray(ink.astype(np.float32), mode="F").resize(shape, Image.LANCZOS, reducing_gap=None)
+    return np.clip(np.asarray(resized), 0, 1)
+
+
+def _centre_by_mass(patch, side=28):
+    """patch (h, w) placed in a side x side field with its centre of mass at the centre."""
+    import numpy as np
+
+    h, w = patch.shape
+    mass = patch.sum()
+    cy = (patch.sum(1) * np.arange(h)).sum() / mass
+    cx = (patch.sum(0) * np.arange(w)).sum() / mass
+    # MNIST's digits have their centre of mass at pixel (14, 14) (rows and columns from 0)
+    top = int(np.clip(round(side / 2 - cy), 0, side - h))
+    left = int(np.clip(round(side / 2 - cx), 0, side - w))
+    field = np.zeros((side, side), dtype=np.float32)
+    field[top : top + h, left : left + w] = patch
+    return field
+
+
+def answer(x, net, num_samples=DEFAULTS.unc_samples, generator=None):
+    """What the network says about one prepared image x (784,): a dict a page or a person reads.
+
+    "samples": (S, 10) class probabilities of the posterior samples, "mean": (10,), "answer":
+    the class or None for "I don't know", and the rule's scores against its thresholds.
+    """
+    rule = getattr(net, "rule", None)
+    if not rule:
+        raise ValueError("this net has no refusal rule: load a guide saved by a run (out/guide.pt)")
+    probs = sample_probs_local(x.reshape(1, 784), net, num_samples, generator)  # (S, 1, 10)
+    scores = {m: float(v[0]) for m, v in scores_for(probs, rule).items()}
+    mean = probs.mean(0)[0]
+    if "max_median_prob" in rule:  # the article's rule answers with the highest median
+        pred = int(median_probs(probs)[0].argmax())
+    else:
+        pred = int(mean.argmax())
+    refused = bool(refuses({m: torch.tensor([v]) for m, v in scores.items()}, rule)[0])
+    return {"answer": None if refused else pred, "verdict": "I don't know" if refused else str(pred),
+            "mean": mean.tolist(), "samples": probs[:, 0].tolist(), "scores": scores, "rule": rule}
+
+
+def describe(result):
+    """One line for a person: the verdict, and each score of the rule against its threshold."""
+    checks = []
+    for m, t in result["rule"].items():
+        v = result["scores"][m]
+        if m == "max_median_prob":
+            checks.append(f"highest class median {v:.3f} {'>' if v > t else '<='} {t:g}")
+        else:
+            checks.append(f"{m.replace('_', ' ')} {v:.4f} {'>' if v > t else '<='} threshold {t:.4f}")
+    best = max(range(CLASSES), key=lambda c: result["mean"][c])
+    return f"{result['verdict']} (mean probability {result['mean'][best]:.2f} for {best}; {'; '.join(checks)})"
+
+
+def predict_files(paths, net, num_samples=DEFAULTS.unc_samples, out_dir=None, log=print):
+    """Answer each image file with net; returns {path: answer dict, or the error's message}.
+
+    With out_dir, each answer's figure (the prepared digit beside its samples' class
+    probabilities) is written to OUT_DIR/<file name>.png. A file that cannot be answered is
+    reported and the others still are.
+    """
+    results = {}
+    for path in paths:
+        try:
+            x = prepare_image(path)
+        except ImageError as e:
+            results[path] = str(e)
+            log(f"error: {path}: {e}", file=sys.stderr)
+            continue
+        result = results[path] = answer(x, net, num_samples) | {"prepared": x}
+        log(f"{path}: {describe(result)}")
+        if out_dir is not None:
+            plot(x, torch.tensor(result["samples"]), path=Path(out_dir) / f"{Path(path).name}.png")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# The page: the standard library's HTTP server, one static page (bnn_mnist.html beside this
+# file), and JSON over fetch. It answers POST /predict with `answer`'s dict for an image
+# ({"image": a data URL or base64 of a PNG/JPEG}) or a grid of gray levels ({"pixels": rows});
+# nothing it serves is named by a request, so no request can read a file.
+
+PAGE = Path(__file__).with_name("bnn_mnist.html")
+MAX_BODY = 8 * 2**20  # bytes: a large photo as a data URL
+
+
+class PageServer:
+    """The state a served page needs: one trained net, answered one request at a time."""
+
+    def __init__(self, net, num_samples=DEFAULTS.unc_samples):
+        import threading
+
+        self.net, self.num_samples, self.lock = net, num_samples, threading.Lock()
+
+    def predict(self, body):
+        """(status, dict) for a request body (bytes)."""
+        import base64
+        import binascii
+
+        try:
+            request = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            return 400, {"error": f"the body is not JSON: {e}"}
+        if not isinstance(request, dict) or ("image" in request) == ("pixels" in request):
+            return 400, {"error": 'send {"image": "<data URL or base64>"} or {"pixels": [[gray levels]]}'}
+        try:
+            if "image" in request:
+                if not isinstance(request["image"], str):
+                    return 400, {"error": "image must be a string: a data URL or base64"}
+                data = request["image"].split(",", 1)[-1]
+                try:
+                    image = base64.b64decode(data, validate=True)
+                except (binascii.Error, ValueError):
+                    return 400, {"error": "image is not base64"}
+            else:
+                image = request["pixels"]
+                if not (isinstance(image, list) and image and all(isinstance(r, list) for r in image)
+                        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for r in image for v in r)
+                        and len({len(r) for r in image}) == 1):
+                    return 400, {"error": "pixels must be a non-empty list of rows of numbers, all rows one length"}
+            x = prepare_image(image)
+        except ImageError as e:
+            return 422, {"error": str(e)}
+        t0 = time.perf_counter()
+        with self.lock, torch.no_grad():
+            result = answer(x, self.net, self.num_samples)
+        result["ms"] = 1000 * (time.perf_counter() - t0)
+        result["prepared"] = x.tolist()
+        return 200, result
+
+
+def make_handler(server_state):
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.split("?")[0] not in ("/", "/index.html"):
+                return self._send(404, b'{"error": "not found"}', "application/json")
+            self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+
+        def do_POST(self):
+            if self.path != "/predict":
+                return self._json(404, {"error": "not found"})
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                return self._json(411, {"error": "a Content-Length is required"})
+            if length < 0 or length > MAX_BODY:
+                return self._json(413, {"error": f"the body is larger than {MAX_BODY} bytes"})
+            self._json(*server_state.predict(self.rfile.read(length)))
+
+        def _json(self, status, obj):
+            self._send(status, json.dumps(obj).encode(), "application/json")
+
+        def _send(self, status, body, kind):
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # one line per request is noise in a terminal
+            pass
+
+    return Handler
+
+
+def make_server(net, host="127.0.0.1", port=8000, num_samples=DEFAULTS.unc_samples):
+    """The page's HTTP server for net (not yet serving: call .serve_forever(); port 0 picks a free one)."""
+    from http.server import ThreadingHTTPServer
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True  # Ctrl-C does not wait for open connections
+        request_queue_size = 64  # a burst of strokes from several pages queues rather than being refused
+
+    return Server((host, port), make_handler(PageServer(net, num_samples)))
+
+
+# =============================================================================
+# Part VI. The whole run, from the command line or `main([...])` in a notebook.
 # =============================================================================
 
 OUTPUTS = ("metrics.json", "guide.pt", "checkpoint.pt", "prediction.png", "reliability.png",
@@ -1987,6 +2275,65 @@ def uncertainty_figures(cfg, x_test, y_test, probs, scores, refused, correct, oo
     plot_examples(xs, ps, u[measure].cpu(), refuses(u, rule).cpu(), labels=labels, path=out / "examples.png")
 
 
+def load_trained(path):
+    """load_guide, with what to run first when there is nothing there yet."""
+    if not Path(path).exists():
+        raise MissingFile(f"no trained posterior at {path}: train one first (python bnn_mnist.py), or --guide PATH")
+    return load_guide(path)
+
+
+def command_predict(argv):
+    """`bnn_mnist.py predict FILE ...`: answer image files; exit 1 if any could not be answered."""
+    p = argparse.ArgumentParser(prog="bnn_mnist.py predict", formatter_class=_HelpFormatter,
+                                description="Answer image files of digits with a trained posterior: the class "
+                                            "or \"I don't know\", and the article's figure for each.")
+    p.add_argument("files", nargs="+", help="PNG or JPEG images, each of one digit (a photo or a scan will do)")
+    p.add_argument("--guide", default=str(Path(DEFAULTS.out_dir) / "guide.pt"), help="the trained posterior")
+    p.add_argument("--out-dir", default=str(Path(DEFAULTS.out_dir) / "predictions"),
+                   help="each file's figure goes here as <file name>.png")
+    p.add_argument("--unc-samples", type=_positive(int), default=DEFAULTS.unc_samples, help="posterior samples")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed of the samples")
+    p.add_argument("--no-plots", action="store_true", help="write no figures")
+    args = p.parse_args(argv)
+    net = load_trained(args.guide)
+    out = None if args.no_plots else prepare_out_dir(args.out_dir)
+    pyro.set_rng_seed(args.seed)
+    results = predict_files(args.files, net, args.unc_samples, out)
+    if out is not None:
+        print(f"figures in {out}")
+    if any(isinstance(r, str) for r in results.values()):
+        raise SystemExit(1)
+    return results
+
+
+def command_serve(argv):
+    """`bnn_mnist.py serve`: the page where you draw a digit, on http://HOST:PORT/ until Ctrl-C."""
+    p = argparse.ArgumentParser(prog="bnn_mnist.py serve", formatter_class=_HelpFormatter,
+                                description="Serve a local page where you draw a digit (or drop an image) and "
+                                            "watch the posterior samples agree or disagree.")
+    p.add_argument("--guide", default=str(Path(DEFAULTS.out_dir) / "guide.pt"), help="the trained posterior")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    p.add_argument("--unc-samples", type=_positive(int), default=DEFAULTS.unc_samples, help="posterior samples")
+    args = p.parse_args(argv)
+    net = load_trained(args.guide)
+    try:
+        httpd = make_server(net, args.host, args.port, args.unc_samples)
+    except OSError as e:
+        raise SaveError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    host, port = httpd.server_address[:2]
+    print(f"serving the page on http://{host}:{port}/  (Ctrl-C stops)", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        httpd.server_close()
+
+
+COMMANDS = {"predict": command_predict, "serve": command_serve}
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -1999,6 +2346,13 @@ def main(argv=None):
     stderr and status 1; 130/143 when interrupted by SIGINT/SIGTERM (a checkpoint is
     saved first). Anything else is a bug and keeps its traceback.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        try:
+            return COMMANDS[argv[0]](argv[1:])
+        except Error as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
     cfg = parse_args(argv)
     try:
         return run(cfg)

@@ -3,6 +3,8 @@
     python -m pip install -r benchmarks/requirements.txt     # laplace-torch, for the Laplace row
     python benchmarks/baselines.py --data-dir ../shared/data --seeds 0 1 2   # the README's table (~10 min a seed)
     python benchmarks/baselines.py --show out/baselines/baselines.json       # print it again
+    python benchmarks/baselines.py --data-dir DIR --seeds 0 1 2 --methods bnn \
+        --merge-into docs/results/baselines.json                              # bnn_mnist's column only, again
 
 Every system is trained on the same images (bnn_mnist's training split; its held-out digits
 are never trained on) and scored by bnn_mnist's own functions from its (S, B, 10) sample
@@ -241,6 +243,8 @@ def main(argv=None):
     p.add_argument("--shift-size", type=int, default=3000, help="test digits per rotated / mirrored / overlaid set")
     p.add_argument("--ood", default="fashion,notmnist,noise", help="as bnn_mnist.py's --ood")
     p.add_argument("--show", help="print the tables of a baselines.json again; train nothing")
+    p.add_argument("--merge-into", help="also replace these systems' rows in this baselines.json (same seeds), "
+                                        "keeping the other systems': e.g. bnn_mnist after a change of its defaults")
     args = p.parse_args(argv)
     if args.show:
         saved = json.loads(Path(args.show).read_text())
@@ -262,6 +266,12 @@ def main(argv=None):
     print(f"\n{summary_table(runs)}")
     print_tables(runs, ood_names)
     bm.write_json({"seeds": args.seeds, "runs": runs}, out / "baselines.json")
+    if args.merge_into:
+        saved = json.loads(Path(args.merge_into).read_text())
+        if saved["seeds"] != args.seeds:
+            p.error(f"argument --merge-into: {args.merge_into} has seeds {saved['seeds']}, this run {args.seeds}")
+        bm.write_json(saved | {"runs": saved["runs"] | runs}, args.merge_into)
+        print(f"replaced {', '.join(runs)} in {args.merge_into}")
     shift = {n: {a: {k: statistics.mean(r["shift"][a][k] for r in rs) for k in ("accuracy", "ece")}
                  for a in bm.SHIFT_ANGLES} for n, rs in runs.items() if "shift" in rs[0]}
     bm.plot_shift(shift, path=out / "shift.png")

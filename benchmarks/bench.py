@@ -6,12 +6,18 @@ Times, side by side in one process and on the same data:
     by default, the analytic one with --elbo meanfield, each image's own pre-activations and
     the analytic KL with --elbo local; Adam with the same per-step decay, batch 128);
   - prediction of 10,000 images with 10 posterior samples: bnn_mnist.predict_prob vs one
-    vectorised matmul over the samples, written by hand.
+    vectorised matmul over the samples, written by hand;
+  - the uncertainty passes, 10,000 images x 100 samples, by both samplers: weight sets
+    (sample_probs) against its hand-written floor (batched matmuls over the samples), and
+    each image's own exact draws (sample_probs_local) against its floor (the two first-layer
+    matrix products any such sampler needs);
+  - with --jit, also Pyro's JitTrace_ELBO (the same estimator, compiled) against the floor.
 
     python benchmarks/bench.py                      # CPU, a few hundred steps
     python benchmarks/bench.py --full-epoch         # one whole epoch (469 steps) each
     python benchmarks/bench.py --device cuda        # on a GPU
     python benchmarks/bench.py --data-dir ../shared/data   # real MNIST instead of random pixels
+    python benchmarks/bench.py --jit                # and Pyro's JitTrace_ELBO
 
 Speed does not depend on the pixel values, so by default the data are random images of
 MNIST's size (60,000 training, 10,000 test).
@@ -93,6 +99,31 @@ def floor_predict(locs, scales, x, num_samples):
         return torch.softmax(bm.bnn_forward(w, x), -1)
 
 
+def floor_weight_sets(locs, scales, x, num_samples, chunk=10):
+    """Weight-set sampling by hand: chunk samples per batched matmul, (S, B, 10) probabilities."""
+    return torch.cat([floor_predict(locs, scales, x, min(chunk, num_samples - s)) for s in range(0, num_samples, chunk)])
+
+
+def floor_local(locs, scales, x):
+    """The work every per-image sampler must do: the first layer's mean and variance, (B, H) each."""
+    with torch.no_grad():
+        return x @ locs["fc1_weight"].T, (x * x) @ (scales["fc1_weight"] ** 2).T
+
+
+def jit_side(net, x, y, steps, batch_size):
+    """bnn_mnist's SVI step with Pyro's JitTrace_ELBO (num_data as a keyword: traced as a constant)."""
+    import warnings
+
+    svi, _ = bm.make_svi(net, bm.DEFAULTS.lr)
+    svi = pyro.infer.SVI(svi.model, svi.guide, svi.optim, pyro.infer.JitTrace_ELBO())
+    perm = torch.randperm(len(x), device=x.device)
+    with pyro.get_param_store().scope(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python values it fixes
+        for step in range(steps):
+            idx = perm[(step * batch_size) % (len(x) - batch_size):][:batch_size]  # full batches: one trace
+            svi.step(x[idx], y[idx], num_data=len(x))
+
+
 def timed(fn, device):
     sync(device)
     t0 = time.perf_counter()
@@ -111,6 +142,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--num-samples", type=int, default=d.num_samples)
+    p.add_argument("--unc-samples", type=int, default=d.unc_samples, help="samples per image for the samplers")
+    p.add_argument("--unc-images", type=int, default=10000, help="test images for the samplers")
+    p.add_argument("--jit", action="store_true", help="also time Pyro's JitTrace_ELBO")
     p.add_argument("--rounds", type=int, default=3,
                    help="alternating timed rounds per side (training and prediction); the best is kept")
     p.add_argument("--data-dir", default=None, help="real MNIST (default: random images of its size)")
@@ -144,10 +178,14 @@ def main(argv=None):
                                        d.prior_scale, args.elbo, d.scale_lr_factor, d.kl_weight)
     pyro_side(args.warmup)
     floor_side(args.warmup)
-    t_pyro, t_floor = math.inf, math.inf
+    t_pyro, t_floor, t_jit = math.inf, math.inf, math.inf
+    if args.jit:
+        jit_side(net, x, y, args.warmup, args.batch_size)
     for _ in range(args.rounds):
         t_pyro = min(t_pyro, timed(lambda: pyro_side(steps), device)[0])
         t_floor = min(t_floor, timed(lambda: floor_side(steps), device)[0])
+        if args.jit:
+            t_jit = min(t_jit, timed(lambda: jit_side(net, x, y, steps, args.batch_size), device)[0])
 
     # --- prediction of the whole test set with num_samples samples
     locs = {k: p.detach() for k, p in net.loc.items()}
@@ -159,6 +197,17 @@ def main(argv=None):
         p_pyro = min(p_pyro, timed(lambda: bm.predict_prob(xt, net, args.num_samples), device)[0])
         p_floor = min(p_floor, timed(lambda: floor_predict(locs, scales, xt, args.num_samples).mean(0), device)[0])
 
+    # --- the uncertainty passes: unc_images x unc_samples by both samplers and their floors
+    net.trained.fill_(True)
+    xu, su = xt[: args.unc_images], args.unc_samples
+    sides = {"weight sets": lambda: bm.sample_probs(xu, net, su), "weight-set floor": lambda: floor_weight_sets(
+             locs, scales, xu, su), "per-image": lambda: bm.sample_probs_local(xu, net, su),
+             "per-image floor": lambda: floor_local(locs, scales, xu)}
+    u = dict.fromkeys(sides, math.inf)
+    for _ in range(args.rounds):
+        for name, fn in sides.items():
+            u[name] = min(u[name], timed(fn, device)[0])
+
     per_epoch = lambda t: t / steps * n_batches  # noqa: E731
     imgs = steps * args.batch_size
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else os.cpu_count()} "
@@ -169,11 +218,21 @@ def main(argv=None):
     print(f"{'train images/s':28}{imgs / t_pyro:12.0f}{imgs / t_floor:12.0f}{t_pyro / t_floor:8.2f}")
     print(f"{'train s/epoch (469 steps)':28}{per_epoch(t_pyro):12.2f}{per_epoch(t_floor):12.2f}"
           f"{t_pyro / t_floor:8.2f}")
+    if args.jit:
+        print(f"{'train s/epoch, JitTrace_ELBO':28}{per_epoch(t_jit):12.2f}{per_epoch(t_floor):12.2f}"
+              f"{t_jit / t_floor:8.2f}")
     print(f"{'predict s, 10k x ' + str(args.num_samples) + ' samples':28}{p_pyro:12.2f}{p_floor:12.2f}"
           f"{p_pyro / p_floor:8.2f}")
+    work = len(xu) * su
+    print(f"uncertainty, {len(xu)} images x {su} samples (images x samples per second, seconds):")
+    for a, b in (("weight sets", "weight-set floor"), ("per-image", "per-image floor")):
+        print(f"  {a:14}{work / u[a]:14.0f}/s {u[a]:8.2f} s   its floor ({b}) {u[b]:8.2f} s   "
+              f"ratio {u[a] / u[b]:6.2f}")
+    print(f"  per-image is {u['weight sets'] / u['per-image']:.1f}x faster than weight sets")
     print(f"peak RSS {bm.peak_rss_mib() or float('nan'):.0f} MiB"
           + (f", peak CUDA {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""))
-    return {"train_ratio": t_pyro / t_floor, "predict_ratio": p_pyro / p_floor}
+    return {"train_ratio": t_pyro / t_floor, "predict_ratio": p_pyro / p_floor, "jit_ratio": t_jit / t_floor,
+            "sampler_speedup": u["weight sets"] / u["per-image"], "samplers": u}
 
 
 if __name__ == "__main__":

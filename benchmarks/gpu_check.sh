@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# The GPU check of the speed issue, as one prepared script for the `device` tool's `run`
-# (a lent H100/H200; it has torch but not pyro-ppl, and no network). Prepare here first,
-# from the repository root (both folders are git-ignored):
+# Speed on a CUDA GPU in one command: the benchmark (training against its floor, both samplers of
+# the uncertainty passes against theirs, JitTrace_ELBO) and a default 5-epoch run.
+# For a machine with torch but without pyro-ppl and without network, prepare two git-ignored folders
+# from the repository root first, on a machine that has them:
 #
 #   python -m pip download --no-deps --only-binary=:all: -d .whl pyro-ppl pyro-api
-#   mkdir -p .gpu_data && cp -r ../shared/data/MNIST .gpu_data/
+#   mkdir -p .gpu_data && cp -r DIR/MNIST .gpu_data/        # DIR: your MNIST folder
 #
-# then: run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".gpu_data"], timeout_s=480)
-# It prints (and leaves under $OUT) the card, the benchmark and a default 5-epoch run.
+# then, on the GPU machine, from the repository root: bash benchmarks/gpu_check.sh
+# It prints (and leaves under $OUT, by default gpu_out/) the card, the benchmark and the run.
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+if ! python3 -c "import pyro" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
 OUT="${OUT:-gpu_out}"
+DATA="${DATA:-.gpu_data}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/card.txt"
-python3 benchmarks/bench.py --device cuda --full-epoch --rounds 3 --data-dir .gpu_data 2>&1 | tee "$OUT/bench.txt"
-python3 bnn_mnist.py --device cuda --data-dir .gpu_data --out-dir "$OUT/run" --ood noise 2>&1 | tee "$OUT/run.txt"
+python3 benchmarks/bench.py --device cuda --full-epoch --rounds 3 --jit --data-dir "$DATA" 2>&1 | tee "$OUT/bench.txt"
+python3 bnn_mnist.py --device cuda --data-dir "$DATA" --out-dir "$OUT/run" --ood noise 2>&1 | tee "$OUT/run.txt"

@@ -100,3 +100,44 @@ def test_holdout_split_refuses_sizes_that_leave_nothing(small_data, size):
     x, y, _, _ = small_data
     with pytest.raises(bm.SettingsError, match=r"val_size .* must lie in \[0, 600\)"):
         bm.holdout_split(x, y, size)
+
+
+def test_calling_the_net_checks_its_input_as_predict_prob_does():
+    net = ready_net(H)
+    x = torch.rand(3, 28, 28)
+    assert torch.equal(net(x), net(x.reshape(3, 784)))
+    assert torch.allclose(net((x * 255).to(torch.uint8)), net(torch.round(x * 255) / 255), atol=1e-5)
+    with pytest.raises(ValueError, match="pixel values must lie in"):
+        net(x * 3)
+    with pytest.raises(ValueError, match="images must have shape"):
+        net(torch.rand(3, 27, 28))
+
+
+def test_plot_leaves_the_global_rng_alone_and_takes_a_generator(tmp_path):
+    probs = torch.softmax(torch.randn(20, 10), -1)
+    state = torch.get_rng_state()
+    bm.plot(torch.rand(784), probs, path=tmp_path / "a.png")
+    assert torch.equal(torch.get_rng_state(), state)
+    dots = [bm.plot(torch.rand(784), probs, generator=torch.Generator().manual_seed(5)).axes[1].collections[-1]
+            .get_offsets().data.copy() for _ in range(2)]
+    assert (dots[0] == dots[1]).all()
+
+
+def test_all_names_the_api_the_readme_uses():
+    import re
+
+    from conftest import ROOT
+
+    block = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)[0]
+    used = set(re.findall(r"\bbm\.(\w+)", block)) | {"prepare_image", "answer", "model", "sample_probs_local"}
+    assert used <= set(bm.__all__) and all(hasattr(bm, n) for n in bm.__all__)
+    assert len(bm.__all__) == len(set(bm.__all__))
+
+
+def test_a_second_train_says_it_goes_on_with_a_fresh_optimiser(small_data):
+    x, y, _, _ = small_data
+    net, lines = bm.BNN(784, H, 10), []
+    for _ in range(2):
+        bm.train(net, x, y, epochs=1, max_batches=2, progress=False, log=lines.append)
+    notes = [t for t in lines if t.startswith("note:")]
+    assert len(notes) == 1 and "fresh Adam" in notes[0] and lines.index(notes[0]) == 1

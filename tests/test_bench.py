@@ -17,11 +17,17 @@ import bnn_mnist as bm  # noqa: E402
 
 @pytest.mark.parametrize("elbo", bm.ELBOS)
 def test_benchmark_runs_and_prints_the_table(capsys, elbo):
-    out = bench.main(["--steps", "3", "--warmup", "1", "--rounds", "1", "--num-samples", "2", "--elbo", elbo])
+    jit = ["--jit"] if elbo == "trace" else []
+    out = bench.main(["--steps", "3", "--warmup", "1", "--rounds", "1", "--num-samples", "2", "--elbo", elbo,
+                      "--unc-samples", "3", "--unc-images", "40", *jit])
     text = capsys.readouterr().out
-    for row in ("train images/s", "train s/epoch (469 steps)", "predict s, 10k x 2 samples", "peak RSS"):
+    for row in ("train images/s", "train s/epoch (469 steps)", "predict s, 10k x 2 samples", "peak RSS",
+                "uncertainty, 40 images x 3 samples", "per-image is", *(["JitTrace_ELBO"] if jit else [])):
         assert row in text
-    assert all(math.isfinite(v) and v > 0 for v in out.values())
+    samplers = out.pop("samplers")
+    assert set(samplers) == {"weight sets", "weight-set floor", "per-image", "per-image floor"}
+    assert math.isinf(out.pop("jit_ratio")) != bool(jit)
+    assert all(math.isfinite(v) and v > 0 for v in [*out.values(), *samplers.values()])
 
 
 def test_the_floor_draws_the_local_estimator_as_bnn_mnist_does():
@@ -304,3 +310,88 @@ def test_every_table_in_choosing_defaults_prints_again_from_its_committed_sweep(
             assert printed == doc, f"the table at line {i + 1} is not what {command} prints"
             checked += 1
     assert checked == 6
+
+
+def printed_table(main, argv, capsys):
+    main(argv)
+    return [t for t in capsys.readouterr().out.splitlines() if t.startswith("|")]
+
+
+def doc_table(path, first_cells):
+    """The table in a doc whose header line starts with first_cells."""
+    import itertools
+
+    lines = (ROOT / path).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(first_cells))
+    return list(itertools.takewhile(lambda t: t.startswith("|"), lines[start:]))
+
+
+def test_the_readme_article_table_is_what_its_command_prints(capsys):
+    """The README's "article beside the default" table is `article_table.py --show`'s printout of the
+    committed metrics, and the how-it-works departures table is `--departures`' of the code's settings."""
+    import article_table
+
+    assert doc_table("README.md", "| | the article's reported") == printed_table(article_table.main, ["--show"], capsys)
+    assert doc_table("docs/how-it-works.md", "| departure |") == printed_table(
+        article_table.main, ["--departures"], capsys)
+    runs = sorted(p.name for p in article_table.RESULTS.glob("*.json"))
+    assert runs == sorted(f"{n}-seed{s}.json" for n in article_table.SETTINGS for s in (0, 1, 2))
+
+
+def test_the_departures_table_follows_the_settings(capsys, monkeypatch):
+    import article_table
+
+    monkeypatch.setitem(bm.ARTICLE, "lr", 0.02)
+    rows = printed_table(article_table.main, ["--departures"], capsys)
+    assert "| Adam's learning rate | 0.005 | 0.02 | `--lr 0.02` |" in rows
+    assert all(f"`--{name.replace('_', '-')}" in "".join(rows) for *_, name in article_table.DEPARTURES)
+
+
+def test_baselines_merge_into_replaces_only_the_systems_it_ran(data_dir, tmp_path, capsys):
+    import json
+
+    import baselines  # noqa: E402
+
+    args = ["--data-dir", str(data_dir), "--epochs", "1", "--hidden-size", "8", "--val-size", "100",
+            "--unc-samples", "5", "--ood", "noise", "--shift-size", "30", "--seeds", "0"]
+    baselines.main([*args, "--out-dir", str(tmp_path / "all"), "--methods", "mlp,bnn"])
+    merged = tmp_path / "all" / "baselines.json"
+    before = json.loads(merged.read_text())
+    baselines.main([*args, "--out-dir", str(tmp_path / "bnn"), "--methods", "bnn", "--epochs", "2",
+                    "--merge-into", str(merged)])
+    after, alone = json.loads(merged.read_text()), json.loads((tmp_path / "bnn" / "baselines.json").read_text())
+    assert after["runs"]["plain MLP"] == before["runs"]["plain MLP"]
+    assert after["runs"]["bnn_mnist defaults"] == alone["runs"]["bnn_mnist defaults"] != before["runs"]["bnn_mnist defaults"]
+    with pytest.raises(SystemExit):
+        baselines.main([*args[:-1], "1", "--out-dir", str(tmp_path / "x"), "--methods", "bnn", "--merge-into", str(merged)])
+    capsys.readouterr()
+
+
+def test_samplers_compares_both_samplers_report_on_each_guide(data_dir, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    import samplers
+
+    monkeypatch.setattr(bm, "DEFAULTS", dataclasses.replace(bm.DEFAULTS, val_size=100, shift_size=20, unc_samples=6,
+                                                            ood="noise", noise_count=30))
+    guides = []
+    for k in range(2):
+        net = bm.BNN(784, 8, 10, init_scale=0.2)
+        net.trained.fill_(True)
+        bm.save_guide(tmp_path / f"g{k}.pt", net)
+        guides.append(str(tmp_path / f"g{k}.pt"))
+    results = samplers.main(["--data-dir", str(data_dir), "--guides", *guides, "--draws", "2"])
+    rows = [t for t in capsys.readouterr().out.splitlines() if t.startswith("| ")]
+    assert rows[0].startswith("| number | local") and any(t.startswith("| AUROC rotated 90 |") for t in rows)
+    assert [len(g) for g in results["local"]] == [2, 2] and [len(g) for g in results["weights"]] == [2, 2]
+    first = results["local"][0]
+    assert first[0]["rule: mutual_information"] != first[1]["rule: mutual_information"]  # other random numbers
+
+
+def test_the_readme_peers_rows_are_what_baselines_show_prints(capsys):
+    import baselines
+
+    baselines.main(["--show", str(ROOT / "docs/results/baselines.json")])
+    printed = set(capsys.readouterr().out.splitlines())
+    rows = doc_table("README.md", "| | control (pixel rarity)")
+    assert len(rows) >= 10 and all(row in printed for row in rows)

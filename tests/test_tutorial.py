@@ -22,7 +22,7 @@ def test_tutorial_runs_end_to_end_on_tiny_data(data_dir, monkeypatch):
         assert expected in text, expected
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "display_data" and "image/png" in o.data]
-    assert len(images) == 2  # the article's plot and the posterior's scale per pixel (no letters in the smoke run)
+    assert len(images) == 3  # the article's plot, the posterior's scale per pixel, your own digit (no letters)
 
 
 def test_committed_outputs_come_from_a_full_run():

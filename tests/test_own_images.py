@@ -1,0 +1,245 @@
+"""Your own images: MNIST's preparation on known answers, `predict` on files, and the page's
+server answering bad requests with a 4xx and good ones correctly, several at once."""
+
+import base64
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bnn_mnist as bm
+from conftest import ready_net
+
+
+def bar(h=12, w=4):
+    """A light bar on black, as an MNIST '1' is: (h, w) ones."""
+    return np.ones((h, w), dtype=np.float32)
+
+
+def png_bytes(gray):
+    """A grayscale PNG of gray levels in [0, 1]."""
+    buffer = io.BytesIO()
+    Image.fromarray((np.asarray(gray) * 255).round().astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def same_up_to_a_pixel(a, b, atol):
+    """a and b (784,) equal within atol after shifting b by at most one pixel each way."""
+    a, b = a.reshape(28, 28), b.reshape(28, 28)
+    return any(torch.allclose(a, torch.roll(b, (dy, dx), (0, 1)), atol=atol) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+def centre_of_mass(x):
+    img = x.reshape(28, 28)
+    rows, cols = torch.arange(28.0), torch.arange(28.0)
+    return float((img.sum(1) * rows).sum() / img.sum()), float((img.sum(0) * cols).sum() / img.sum())
+
+
+def test_a_shifted_digit_is_cropped_fitted_into_20_pixels_and_centred_by_mass():
+    picture = np.zeros((60, 90), dtype=np.float32)
+    picture[5:35, 60:70] = 1.0  # a 30 x 10 bar near the top-right corner
+    picture[5:10, 60:80] = 1.0  # with a flag: its mass is off the bar's centre
+    x = bm.prepare_image(picture)
+    assert x.shape == (784,) and 0 <= x.min() and x.max() <= 1
+    rows, cols = torch.nonzero(x.reshape(28, 28) > 0.05, as_tuple=True)
+    assert rows.max() - rows.min() + 1 == 20  # the longer side fitted to 20
+    assert 12 <= cols.max() - cols.min() + 1 <= 14  # 20 wide scaled by 20 / 30, aspect kept
+    cy, cx = centre_of_mass(x)
+    assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5  # as MNIST's digits
+
+
+def test_dark_ink_on_light_paper_is_inverted_to_mnists_light_ink_on_black():
+    picture = np.zeros((40, 40), dtype=np.float32)
+    picture[8:32, 18:24] = 1.0
+    as_mnist = bm.prepare_image(picture)
+    photo = 0.92 - 0.8 * picture + 0.03 * np.random.default_rng(0).random((40, 40))  # grey paper, noisy
+    from_photo = bm.prepare_image(photo.astype(np.float32))
+    assert from_photo.reshape(28, 28)[0, 0] == 0 and from_photo.max() > 0.9  # the background is black
+    assert same_up_to_a_pixel(from_photo, as_mnist, atol=0.15)  # centring rounds a centre of mass at .5
+
+
+def test_a_png_file_an_rgba_drawing_and_an_array_give_the_same_input(tmp_path):
+    picture = np.zeros((50, 50), dtype=np.float32)
+    picture[10:40, 22:28] = 1.0
+    path = tmp_path / "digit.png"
+    path.write_bytes(png_bytes(1 - picture))  # black ink on white, as written on paper
+    rgba = np.zeros((50, 50, 4), dtype=np.uint8)
+    rgba[..., 3] = (picture * 255).astype(np.uint8)  # black ink on a transparent canvas
+    drawn = Image.fromarray(rgba, mode="RGBA")
+    a, b, c = bm.prepare_image(path), bm.prepare_image(drawn), bm.prepare_image(picture)
+    assert torch.allclose(a, c, atol=0.02) and torch.allclose(b, c, atol=0.02)
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.zeros((30, 30)), "no ink"),
+    (np.full((30, 30), 0.7), "no ink"),
+    (b"not an image at all", "not an image"),
+    (b"", "not an image"),
+    (np.full((3, 3), np.nan), "finite gray levels"),
+    (np.ones((2, 2, 2)), "2-D grid"),
+    ("no/such/file.png", "no such file"),
+])
+def test_pictures_that_cannot_be_answered_raise_one_clear_error(image, message):
+    with pytest.raises(bm.ImageError, match=message):
+        bm.prepare_image(image)
+
+
+def trained_like(hidden=16):
+    net = ready_net(hidden, init_scale=0.3)
+    net.rule = {"mutual_information": 0.05, "expected_entropy": 1.0}
+    return net
+
+
+def test_answer_gives_the_verdict_the_rule_gives_from_its_samples():
+    net = trained_like()
+    x = bm.prepare_image(np.pad(bar(20, 5), 5))
+    gen = torch.Generator().manual_seed(0)
+    result = bm.answer(x, net, 50, gen)
+    probs = bm.sample_probs_local(x[None], net, 50, torch.Generator().manual_seed(0))
+    u = bm.uncertainty(probs)
+    refused = bool(bm.refuses(u, net.rule)[0])
+    assert result["samples"] == probs[:, 0].tolist() and len(result["samples"]) == 50
+    assert result["answer"] == (None if refused else int(probs.mean(0).argmax()))
+    assert result["scores"]["mutual_information"] == pytest.approx(float(u["mutual_information"][0]))
+    assert ("I don't know" if refused else "mean probability") in bm.describe(result)
+
+
+def save_net(tmp_path, net):
+    bm.save_guide(tmp_path / "guide.pt", net)
+    return tmp_path / "guide.pt"
+
+
+def test_predict_command_answers_every_file_it_can_and_exits_1_naming_the_others(tmp_path, capsys):
+    guide = save_net(tmp_path, trained_like())
+    good, empty, text = tmp_path / "seven.png", tmp_path / "blank.png", tmp_path / "notes.txt"
+    good.write_bytes(png_bytes(1 - np.pad(bar(20, 5), 10)))
+    empty.write_bytes(png_bytes(np.ones((30, 30))))
+    text.write_text("hello")
+    with pytest.raises(SystemExit) as e:
+        bm.main(["predict", str(good), str(empty), str(text), "--guide", str(guide), "--out-dir", str(tmp_path / "o")])
+    assert e.value.code == 1
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{good}: ") and ("I don't know" in out or "mean probability" in out)
+    assert f"error: {empty}: no ink" in err and f"error: {text}: not an image" in err
+    assert len(err.strip().splitlines()) == 2
+    assert (tmp_path / "o" / "seven.png.png").stat().st_size > 0
+
+
+def test_predict_and_serve_say_what_to_run_when_there_is_no_trained_posterior(tmp_path, capsys):
+    for command in (["predict", "x.png"], ["serve"]):
+        with pytest.raises(SystemExit) as e:
+            bm.main([*command, "--guide", str(tmp_path / "none.pt")])
+        assert e.value.code == 1
+        assert "no trained posterior at" in capsys.readouterr().err
+
+
+@pytest.fixture
+def server():
+    net = trained_like()
+    httpd = bm.make_server(net, port=0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", net
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def post(url, body, headers=None):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url + "/predict", data=data, headers=headers or {}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        with e:  # closes its socket
+            return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "not JSON"),
+    ({"image": 3}, 400, "must be a string"),
+    ({"image": "data:image/png;base64,@@@"}, 400, "not base64"),
+    ({"image": base64.b64encode(b"plain text").decode()}, 422, "not an image"),
+    ({"pixels": [[0.1, 0.2], [0.3]]}, 400, "all rows one length"),
+    ({"pixels": [[[0.5]]]}, 400, "rows of numbers"),
+    ({"pixels": [[0.5, 2.0]]}, 422, "finite gray levels in [0, 1]"),
+    (b'{"pixels": [[NaN, 1.0]]}', 422, "finite"),
+    ({"pixels": [[0.0] * 5] * 5}, 422, "no ink"),
+    ({"image": "x", "pixels": [[1]]}, 400, "send"),
+    ([1, 2], 400, "send"),
+])
+def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(server, body, status, message):
+    url, _ = server
+    code, reply = post(url, body)
+    assert code == status and message in reply["error"]
+    picture = np.pad(bar(20, 5), 6)
+    assert post(url, {"pixels": picture.tolist()})[0] == 200  # still serving
+
+
+def test_an_oversized_body_a_wrong_path_and_a_file_name_are_refused(server):
+    url, _ = server
+    import http.client
+
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+    connection.putrequest("POST", "/predict")  # a body announced too large is refused before it is read
+    connection.putheader("Content-Length", str(bm.MAX_BODY + 1))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and "larger" in json.loads(response.read())["error"]
+    connection.close()
+    for path in ("/bnn_mnist.py", "/../README.md", "/predict/../guide.pt", "/etc/passwd"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + path, timeout=10)
+        e.value.close()
+        assert e.value.code == 404
+    with urllib.request.urlopen(url + "/", timeout=10) as r:
+        assert r.status == 200 and b"<canvas" in r.read()
+
+
+def test_requests_at_once_each_get_their_own_answer(server):
+    url, net = server
+    pictures = [np.pad(bar(20, 3 + k), 6) for k in range(6)]
+    expected = [bm.prepare_image(p).tolist() for p in pictures]
+    replies = [None] * 6
+
+    def ask(k):
+        replies[k] = post(url, {"image": base64.b64encode(png_bytes(pictures[k])).decode()})
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (code, reply), x in zip(replies, expected):
+        assert code == 200 and reply["prepared"] == pytest.approx(x, abs=0.02)
+        assert len(reply["samples"]) == bm.DEFAULTS.unc_samples and reply["verdict"] in ("I don't know", *"0123456789")
+        assert sum(reply["mean"]) == pytest.approx(1, abs=1e-5)
+
+
+def test_serve_runs_until_ctrl_c_and_stops_cleanly(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    guide = save_net(tmp_path, trained_like())
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bnn_mnist.py"), "serve", "--guide", str(guide), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving the page on http://127.0.0.1:"), line
+        url = line.split()[4].rstrip("/")
+        with urllib.request.urlopen(url + "/", timeout=10) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.strip() == "stopped" and err == ""
