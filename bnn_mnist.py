@@ -596,7 +596,8 @@ def sample_logits_local(x, net, num_samples=DEFAULTS.unc_samples, generator=None
         std = (x.square() @ scale["fc1_weight"].square().mT + scale["fc1_bias"].square()).sqrt_()  # (B, H)
         B, H = mean.shape
         draw = partial(torch.randn, device=x.device, generator=generator)
-        pool = draw(S + max(S, min(63 * S, 2**22 // H)), H)  # (P, H): image b's sample s is row offset[b] + s
+        # (P, H): image b's sample s is row offset[b] + s; up to 64 S rows (16 MiB), fewer for a few images
+        pool = draw(S + max(S, min(63 * S, B * S, 2**22 // H)), H)
         offset = torch.randint(len(pool) - S + 1, (B,), device=x.device, generator=generator)
         out_w = net.loc["out_weight"] + scale["out_weight"] * draw(S, *net.loc["out_weight"].shape)  # (S, C, H)
         out_b = net.loc["out_bias"] + scale["out_bias"] * draw(S, *net.loc["out_bias"].shape)  # (S, C)

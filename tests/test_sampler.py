@@ -100,3 +100,16 @@ def test_the_report_and_the_rule_use_the_sampler_asked_for(monkeypatch):
     bm.sample_probs_sets({"a": x}, net, 5, sampler="weights")
     bm.predict_or_abstain(x, net, {"mutual_information": 0.1}, num_samples=5)
     assert called == ["sample_probs_local", "sample_probs", "sample_probs_local"]
+
+
+def test_each_image_takes_its_own_noise_so_copies_of_an_image_get_different_draws():
+    """Numbers over many images need images' draws nearly independent: 300 copies of one image
+    get different sets of samples (shared noise would give one set 300 times; two copies share
+    one only when their random offsets into the pool collide, a few times in 300), whose mutual
+    information scatters around the value many samples give."""
+    net, x = small_posterior(), torch.rand(1, 784, generator=torch.Generator().manual_seed(2)) ** 3
+    pyro.set_rng_seed(0)
+    copies = bm.uncertainty(bm.sample_probs_local(x.repeat(300, 1), net, 50))["mutual_information"]  # (300,)
+    many = bm.uncertainty(bm.sample_probs_local(x, net, 30_000))["mutual_information"]
+    assert len(torch.unique(copies)) > 280 and copies.std() > 0.05 * copies.mean()
+    assert abs(copies.mean() - many[0]) < 0.1 * many[0]  # 50 samples: the plug-in estimate is a few % low
