@@ -1765,6 +1765,9 @@ def parse_args(argv=None):
         parser.error(f"argument --ambiguity-quantile: must lie in [0, 1), got {args.ambiguity_quantile:g}")
     if args.val_size < 0:
         parser.error(f"argument --val-size: must be >= 0, got {args.val_size}")
+    if args.rule == "median" and args.threshold is not None:
+        parser.error(f"argument --threshold: the median rule has its own cut ({ARTICLE_MEDIAN}); "
+                     "--threshold sets the quantile rule's")
     if args.val_size == 0 and args.rule == "quantiles" and (args.threshold is None or args.ambiguity_quantile):
         parser.error("argument --val-size: 0 holds nothing out to set the thresholds; "
                      "give --threshold and --ambiguity-quantile 0")

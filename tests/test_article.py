@@ -162,3 +162,10 @@ def test_article_run_writes_every_output_with_the_setting_recorded(data_dir, tmp
     saved = torch.load(out / "checkpoint.pt", weights_only=True)["settings"]
     assert saved["kl_per_batch"] and saved["init"] == "article" and saved["val_size"] == 0 and saved["lr"] == 0.01
     assert bm.load_guide(out / "guide.pt").rule == {"max_median_prob": 0.2}
+
+
+def test_a_threshold_beside_the_median_rule_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        bm.parse_args(["--article", "--threshold", "0.1"])
+    assert e.value.code == 2 and "the median rule has its own cut (0.2)" in capsys.readouterr().err
+    assert bm.parse_args(["--rule", "quantiles", "--threshold", "0.1"]).threshold == 0.1
