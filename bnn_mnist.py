@@ -1816,7 +1816,8 @@ def prepare_image(image):
     import numpy as np
 
     gray = _gray_levels(image)  # (H, W) in [0, 1]
-    if np.median(_border(gray)) > 0.5:  # dark ink on a light background, as on paper: invert
+    ground = float(np.median(_border(gray)))
+    if ground - gray.min() > gray.max() - ground:  # the ink is darker than the ground, as on paper: invert
         gray = 1 - gray
     border = _border(gray)
     background = float(np.median(border))
@@ -1843,20 +1844,27 @@ def _border(gray):
 def _gray_levels(image):
     """(H, W) float array in [0, 1] from a path, bytes, a PIL image or an array."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     if isinstance(image, (str, Path)) and not Path(image).is_file():
         raise ImageError("no such file")
     if isinstance(image, (str, Path, bytes)):
         try:
             with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
-                return _gray_levels(im.copy())
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+                if im.width * im.height > 40_000_000:
+                    raise ImageError(f"the picture is too large ({im.width} x {im.height} pixels)")
+                return _gray_levels(ImageOps.exif_transpose(im))  # a phone photo the way it was held
+        except ImageError:
+            raise
+        except Exception as e:  # PIL raises many kinds for broken files: each is "not an image" here
             raise ImageError(f"not an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if isinstance(image, Image.Image):
-        if image.mode in ("RGBA", "LA", "P"):  # transparency: on a white background, as on paper
+        if image.mode in ("RGBA", "LA", "P", "PA"):  # transparency: on a white background, as on paper
             image = image.convert("RGBA")
             image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit and float scans
+            levels = np.asarray(image, dtype=np.float32)
+            return np.clip(levels / (65535 if levels.max() > 255 else 255 if levels.max() > 1 else 1), 0, 1)
         return np.asarray(image.convert("L"), dtype=np.float32) / 255
     gray = np.asarray(image, dtype=np.float32)
     if gray.ndim != 2 or min(gray.shape) < 1 or max(gray.shape) > 4096:
@@ -1945,8 +1953,11 @@ def predict_files(paths, net, num_samples=DEFAULTS.unc_samples, out_dir=None, lo
             continue
         result = results[path] = answer(x, net, num_samples) | {"prepared": x}
         log(f"{path}: {describe(result)}")
-        if out_dir is not None:
-            plot(x, torch.tensor(result["samples"]), path=Path(out_dir) / f"{Path(path).name}.png")
+        if out_dir is not None:  # a/1.png and b/1.png: 1.png.png and 1.png-2.png
+            name = f"{Path(path).name}.png"
+            taken = sum(1 for p in list(results)[:-1] if Path(p).name == Path(path).name)
+            name = name if not taken else f"{Path(path).name}-{taken + 1}.png"
+            plot(x, torch.tensor(result["samples"]), path=Path(out_dir) / name)
     return results
 
 
@@ -1975,8 +1986,8 @@ class PageServer:
 
         try:
             request = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            return 400, {"error": f"the body is not JSON: {e}"}
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            return 400, {"error": f"the body is not JSON: {str(e)[:200]}"}
         if not isinstance(request, dict) or ("image" in request) == ("pixels" in request):
             return 400, {"error": 'send {"image": "<data URL or base64>"} or {"pixels": [[gray levels]]}'}
         try:
@@ -2283,7 +2294,11 @@ def load_trained(path):
     """load_guide, with what to run first when there is nothing there yet."""
     if not Path(path).exists():
         raise MissingFile(f"no trained posterior at {path}: train one first (python bnn_mnist.py), or --guide PATH")
-    return load_guide(path)
+    net = load_guide(path)
+    if not net.rule:
+        raise BadFile(f"{path} has no refusal rule: save one from a run, or bm.save_guide(path, net, "
+                      f"rule=bm.refusal_rule(x_val, net)) with held-out images")
+    return net
 
 
 def command_predict(argv):

@@ -243,3 +243,44 @@ def test_serve_runs_until_ctrl_c_and_stops_cleanly(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0 and out.strip() == "stopped" and err == ""
+
+
+def test_a_dim_photo_a_16_bit_scan_and_a_sideways_phone_photo_are_read_the_right_way_up(tmp_path):
+    picture = np.zeros((40, 40), dtype=np.float32)
+    picture[8:32, 18:24] = 1.0
+    picture[8:12, 18:30] = 1.0  # a 7: not the same turned
+    expected = bm.prepare_image(picture)
+    dim = 0.45 - 0.35 * picture  # grey paper in a dark room, darker ink
+    assert same_up_to_a_pixel(bm.prepare_image(dim), expected, atol=0.1)
+    scan = Image.fromarray(((1 - picture) * 60000 + 2000).astype(np.uint16))  # mode I;16
+    buffer = io.BytesIO()
+    scan.save(buffer, format="PNG")
+    assert same_up_to_a_pixel(bm.prepare_image(buffer.getvalue()), expected, atol=0.1)
+    sideways = Image.fromarray(((1 - np.rot90(picture, 1)) * 255).astype(np.uint8))  # stored turned left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; viewers turn the picture back
+    path = tmp_path / "photo.jpg"
+    sideways.save(path, format="JPEG", exif=exif, quality=95)
+    assert same_up_to_a_pixel(bm.prepare_image(path), expected, atol=0.25)
+
+
+def test_a_broken_png_is_not_an_image():
+    whole = png_bytes(np.pad(bar(20, 5), 5))
+    for broken in (whole[: len(whole) // 2], whole[:40] + b"\x00" * 40 + whole[80:]):
+        with pytest.raises(bm.ImageError, match="not an image"):
+            bm.prepare_image(broken)
+
+
+def test_predict_names_each_figure_apart_and_a_guide_without_a_rule_is_one_line(tmp_path, capsys):
+    guide = save_net(tmp_path, trained_like())
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "1.png").write_bytes(png_bytes(1 - np.pad(bar(20, 5), 10)))
+    bm.main(["predict", str(tmp_path / "a/1.png"), str(tmp_path / "b/1.png"), "--guide", str(guide),
+             "--out-dir", str(tmp_path / "o")])
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["1.png-2.png", "1.png.png"]
+    no_rule = ready_net(16)
+    bm.save_guide(tmp_path / "bare.pt", no_rule)
+    with pytest.raises(SystemExit) as e:
+        bm.main(["predict", str(tmp_path / "a/1.png"), "--guide", str(tmp_path / "bare.pt")])
+    assert e.value.code == 1 and "has no refusal rule" in capsys.readouterr().err

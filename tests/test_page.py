@@ -165,3 +165,11 @@ def test_an_empty_pad_gets_a_message_not_a_verdict(page):
     page.evaluate("ask()")
     assert "empty" in page.locator("#message").text_content()
     assert page.locator("#verdict").text_content() == ""
+
+
+def test_clear_right_after_drawing_drops_the_answers_still_on_their_way(page):
+    clear(page)
+    draw(page, [(140, 50), (140, 140), (140, 235)])
+    page.click("#clear")  # the stroke's answers are still in flight or queued
+    page.wait_for_timeout(800)
+    assert page.locator("#verdict").text_content() == "" and page.locator("#meaning").text_content() == ""
