@@ -84,7 +84,7 @@ __all__ = [  # what the README, the notebook and a user's own code need; the res
     "Config", "DEFAULTS", "ARTICLE", "ARTICLE_TRAIN", "load_mnist", "holdout_split", "BNN", "model", "guide",
     "make_svi", "train_epoch", "train", "sample_weights", "sample_logits", "sample_probs", "predict_prob",
     "predict", "pyro_predictive_prob", "plot", "sample_probs_local", "uncertainty", "median_probs",
-    "max_median_prob", "refusal_rule", "article_rule", "refuses", "predict_or_abstain", "evaluate", "auroc",
+    "max_median_prob", "refusal_rule", "article_rule", "rule_classes", "refuses", "predict_or_abstain", "evaluate", "auroc",
     "expected_calibration_error", "shifted_sets", "pixel_rarity", "rarity_score", "sample_probs_sets",
     "plot_reliability", "plot_coverage", "plot_histograms", "plot_examples", "plot_pixel_scales", "plot_shift",
     "prepare_image", "answer", "describe", "predict_files", "make_server", "save_guide", "load_guide",
@@ -674,6 +674,12 @@ def scores_for(probs, rule):
 def article_rule():
     """The sequel's refusal rule: refuse unless some class's median sample probability exceeds 0.2."""
     return {"max_median_prob": ARTICLE_MEDIAN}
+
+
+def rule_classes(probs, rule):
+    """The class each image is answered with, (B,): the highest class median under the article's
+    rule (its sequel answered so), else the argmax of the mean probabilities."""
+    return (median_probs(probs) if "max_median_prob" in rule else probs.mean(0)).argmax(-1)
 
 
 def refusal_rule(x_val, net, measure=DEFAULTS.measure, quantile=DEFAULTS.refuse_quantile,
@@ -1664,10 +1670,10 @@ def build_parser():
     g = p.add_argument_group("data and outputs")
     g.add_argument("--data-dir", default=d.data_dir, help="folder holding MNIST/raw (downloaded there if missing)")
     g.add_argument("--out-dir", default=d.out_dir, help="every output goes here: metrics.json, guide.pt, PNGs")
+    recipe = ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in ARTICLE.items())
     p.add_argument("--article", action="store_true",
-                   help="the article's recipe as written: " + ", ".join(
-                       f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in ARTICLE.items()) + " (flags given beside it win; --kl-weight W then counts the KL once per "
-                        "data set, weighted by W)")
+                   help=f"the article's recipe as written: {recipe} (flags given beside it win; --kl-weight W then "
+                        "counts the KL once per data set, weighted by W)")
     g = p.add_argument_group("model and training")
     g.add_argument("--epochs", type=pos_int, default=d.epochs, help="passes over the training set")
     g.add_argument("--batch-size", type=pos_int, default=d.batch_size, help="minibatch size")
@@ -1816,11 +1822,10 @@ def prepare_image(image):
     import numpy as np
 
     gray = _gray_levels(image)  # (H, W) in [0, 1]
-    ground = float(np.median(_border(gray)))
-    if ground - gray.min() > gray.max() - ground:  # the ink is darker than the ground, as on paper: invert
-        gray = 1 - gray
     border = _border(gray)
     background = float(np.median(border))
+    if background - gray.min() > gray.max() - background:  # the ink is darker than the ground, as on paper
+        gray, border, background = 1 - gray, 1 - border, 1 - background  # MNIST's light ink on black
     span = float(gray.max()) - background
     if span < 0.15:
         raise ImageError("no ink: the picture is one flat shade")
@@ -1912,15 +1917,11 @@ def answer(x, net, num_samples=DEFAULTS.unc_samples, generator=None):
     if not rule:
         raise ValueError("this net has no refusal rule: load a guide saved by a run (out/guide.pt)")
     probs = sample_probs_local(x.reshape(1, 784), net, num_samples, generator)  # (S, 1, 10)
-    scores = {m: float(v[0]) for m, v in scores_for(probs, rule).items()}
-    mean = probs.mean(0)[0]
-    if "max_median_prob" in rule:  # the article's rule answers with the highest median
-        pred = int(median_probs(probs)[0].argmax())
-    else:
-        pred = int(mean.argmax())
-    refused = bool(refuses({m: torch.tensor([v]) for m, v in scores.items()}, rule)[0])
+    u = scores_for(probs, rule)
+    pred, refused = int(rule_classes(probs, rule)[0]), bool(refuses(u, rule)[0])
     return {"answer": None if refused else pred, "verdict": "I don't know" if refused else str(pred),
-            "mean": mean.tolist(), "samples": probs[:, 0].tolist(), "scores": scores, "rule": rule}
+            "mean": probs.mean(0)[0].tolist(), "samples": probs[:, 0].tolist(),
+            "scores": {m: float(v[0]) for m, v in u.items()}, "rule": rule}
 
 
 def describe(result):
@@ -1943,8 +1944,10 @@ def predict_files(paths, net, num_samples=DEFAULTS.unc_samples, out_dir=None, lo
     probabilities) is written to OUT_DIR/<file name>.png. A file that cannot be answered is
     reported and the others still are.
     """
-    results = {}
+    results, names = {}, {}
     for path in paths:
+        name = Path(path).name  # a/1.png and b/1.png: figures 1.png.png and 1.png-2.png
+        names[name] = names.get(name, 0) + 1
         try:
             x = prepare_image(path)
         except ImageError as e:
@@ -1953,11 +1956,9 @@ def predict_files(paths, net, num_samples=DEFAULTS.unc_samples, out_dir=None, lo
             continue
         result = results[path] = answer(x, net, num_samples) | {"prepared": x}
         log(f"{path}: {describe(result)}")
-        if out_dir is not None:  # a/1.png and b/1.png: 1.png.png and 1.png-2.png
-            name = f"{Path(path).name}.png"
-            taken = sum(1 for p in list(results)[:-1] if Path(p).name == Path(path).name)
-            name = name if not taken else f"{Path(path).name}-{taken + 1}.png"
-            plot(x, torch.tensor(result["samples"]), path=Path(out_dir) / name)
+        if out_dir is not None:
+            figure = f"{name}.png" if names[name] == 1 else f"{name}-{names[name]}.png"
+            plot(x, torch.tensor(result["samples"]), path=Path(out_dir) / figure)
     return results
 
 
@@ -2228,9 +2229,7 @@ def uncertainty_report(cfg, net, x_test, y_test, rule, device, out, freq):
     correct = mean.argmax(1) == y_test
     report["calibration"] = cal = evaluate(mean, y_test)
     refused = {name: refuses(scores[name], rule) for name in ["MNIST", *ood]}
-    # the article answers with the class of the highest median; the rule of quantiles with the mean's
-    answered = median_probs(probs["MNIST"]).argmax(1) == y_test if "max_median_prob" in rule else correct
-    report["abstention"] = {"MNIST": abstention(refused["MNIST"], answered)}
+    report["abstention"] = {"MNIST": abstention(refused["MNIST"], rule_classes(probs["MNIST"], rule) == y_test)}
     report["abstention"] |= {n: {"refused": float(refused[n].float().mean())} for n in ood}
     report["auroc"] = {n: {m: auroc(scores["MNIST"][m], scores[n][m]) for m in MEASURES} for n in ood}
     report["near_ood_auroc"] = {n: {m: auroc(scores["MNIST"][m], scores[n][m]) for m in MEASURES} for n in near}

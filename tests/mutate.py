@@ -298,6 +298,9 @@ MUTANTS = [
     ("images", "the aspect ratio not kept", "shape = (max(1, round(w * scale)), max(1, round(h * scale)))",
      "shape = (size, size)"),
     ("page", "oversized bodies read", "if length < 0 or length > MAX_BODY:", "if length < 0:"),
+    ("metrics", "the article's rule answers with the mean's class, not the highest median",
+     'return (median_probs(probs) if "max_median_prob" in rule else probs.mean(0)).argmax(-1)',
+     "return probs.mean(0).argmax(-1)"),
     ("page", "any path serves the page", 'if self.path.split("?")[0] not in ("/", "/index.html"):', "if False:"),
     # after the unseen set
     ("report", "the 135-degree set not scored",

@@ -169,3 +169,13 @@ def test_a_threshold_beside_the_median_rule_is_refused(capsys):
         bm.parse_args(["--article", "--threshold", "0.1"])
     assert e.value.code == 2 and "the median rule has its own cut (0.2)" in capsys.readouterr().err
     assert bm.parse_args(["--rule", "quantiles", "--threshold", "0.1"]).threshold == 0.1
+
+
+def test_the_article_answers_with_the_highest_class_median_the_quantile_rule_with_the_mean():
+    """One sample sure of class 0, two that give class 1 0.4: the mean says 0, the medians say 1."""
+    probs = torch.full((3, 1, 10), 0.6 / 9)
+    probs[0, 0] = torch.tensor([0.98] + [0.02 / 9] * 9)
+    probs[1:, 0, 1] = 0.4
+    assert torch.allclose(probs.sum(-1), torch.ones(3, 1))
+    assert bm.rule_classes(probs, bm.article_rule()).tolist() == [1]
+    assert bm.rule_classes(probs, {"mutual_information": 0.1}).tolist() == [0]
