@@ -101,6 +101,14 @@ ROWS = {  # row -> (metrics -> value, format)
 }
 
 
+# the model-free control beside each AUROC: ink weighted by how rarely training digits ink each pixel
+# (`bm.rarity_score`, in every run's metrics.json as control_auroc; taken from the defaults' runs)
+CONTROL = {
+    "AUROC Fashion-MNIST": lambda m: m["control_auroc"]["Fashion-MNIST"],
+    "mean near-OOD AUROC": lambda m: statistics.mean(m["control_auroc"][n] for n in m["near_ood_auroc"]),
+}
+
+
 def cell(values, fmt):
     mean = fmt.format(statistics.mean(values))
     if len(values) < 2:
@@ -113,12 +121,14 @@ def show():
     runs = {name: [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{name}-seed*.json"))] for name in SETTINGS}
     runs = {n: r for n, r in runs.items() if r}
     seeds = sorted({m["seed"] for r in runs.values() for m in r})
-    print(f"Mean ± sd over seeds {', '.join(map(str, seeds))}; the article's column is what its notebook printed.\n")
-    print("| | the article's reported | " + " | ".join(TITLES[n] for n in runs) + " |")
-    print("| --- | --- | " + " | ".join("---" for _ in runs) + " |")
+    print(f"Mean ± sd over seeds {', '.join(map(str, seeds))}; the article's column is what its notebook printed; "
+          f"the control is no model at all (pixel rarity).\n")
+    print("| | the article's reported | " + " | ".join(TITLES[n] for n in runs) + " | control (pixel rarity) |")
+    print("| --- | --- | " + " | ".join("---" for _ in runs) + " | --- |")
     for row, (get, fmt) in ROWS.items():
+        control = cell([CONTROL[row](m) for m in runs["defaults"]], fmt) if row in CONTROL and "defaults" in runs else ""
         print(f"| {row} | {ARTICLE_REPORTED.get(row, '')} | " +
-              " | ".join(cell([get(m) for m in r], fmt) for r in runs.values()) + " |")
+              " | ".join(cell([get(m) for m in r], fmt) for r in runs.values()) + f" | {control} |")
 
 
 def main(argv=None):
