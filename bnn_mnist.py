@@ -1,53 +1,23 @@
 """A Bayesian neural network on MNIST with Pyro: the 2018 tutorial, working and correct.
 
-A 784-1024-10 ReLU network whose weights all have Normal(0, 1) priors, a mean-field
-Normal guide whose scales go through softplus, fitted by SVI (the article's Trace_ELBO on
-`model` and `guide`) and Adam; predictions average the class probabilities of posterior
-samples, and the network says "I don't know" when its samples disagree.
+A 784-1024-10 ReLU network with a Normal(0, 1) prior on every weight, a mean-field Normal guide
+with softplus scales, fitted by SVI (Trace_ELBO on `model` and `guide`) and Adam; predictions
+average 10 posterior samples; the network says "I don't know" when its samples disagree. The
+defaults depart from the article in a few places (docs/how-it-works.md; `--article` undoes them).
 
-`model` and `guide` are the article's. One departure changes what training optimises: by
-default make_svi and train weight the ELBO's KL term by beta = kl_weight = 0.01, a tempered
-objective,
+    python bnn_mnist.py --data-dir data               # train, report, write out/ (MNIST downloaded if missing)
+    python bnn_mnist.py --epochs 2 --max-batches 20 --train-subset 5000 --ood none   # a smoke run
+    python bnn_mnist.py predict my_digit.png          # your own images, with out/guide.pt
+    python bnn_mnist.py serve                         # a page to draw on, http://127.0.0.1:8000/
 
-    E_q[log p(D | w)] - beta * KL(q(w) || p(w)),
+    import bnn_mnist as bm                            # in a notebook (docs/tutorial.ipynb)
+    net = bm.load_guide("out/guide.pt")               # a BNN holding its trained posterior
+    probs = bm.predict_prob(bm.load_mnist("data", train=False)[0][:8], net)   # (8, 10)
 
-because with beta = 1 the guide's scales either barely leave their start in 5 epochs (the
-article's optimiser: the samples agree everywhere) or, learning 10x faster as here, widen all
-814,090 weights toward the Normal(0, 1) prior and cost accuracy. `--kl-weight 1` (or
-kl_weight=1.0 in make_svi and train) is the article's ELBO; `--article` (ARTICLE, ARTICLE_TRAIN)
-its whole recipe as written. Why the samples still disagree on foreign images: weights of pixels
-that digits never ink get no pull from the data and stay as wide as the prior
-(docs/how-it-works.md; posterior_scale.png). The defaults were chosen on held-out training
-digits: docs/choosing-defaults.md.
-
-Full run (MNIST under ./data is downloaded by torchvision when missing), then your own images:
-
-    python bnn_mnist.py --data-dir data --out-dir out
-    python bnn_mnist.py predict my_digit.png      # with out/guide.pt
-    python bnn_mnist.py serve                     # a page to draw on, http://127.0.0.1:8000/
-    python bnn_mnist.py --article                 # the article's recipe as written
-
-Smoke run (two capped epochs on a small subset, no out-of-distribution sets):
-
-    python bnn_mnist.py --epochs 2 --max-batches 20 --train-subset 5000 --ood none
-
-From a notebook (docs/tutorial.ipynb walks through every step):
-
-    import bnn_mnist as bm
-    net = bm.load_guide("out/guide.pt")             # a BNN holding its trained posterior
-    x, y = bm.load_mnist("data", train=False)       # (10000, 784) in [0, 1], (10000,)
-    probs = bm.predict_prob(x[:8], net)             # (8, 10), rows sum to 1
-    bm.plot(x[0], bm.sample_probs(x[:1], net, 100)[:, 0], label=y[0])
-
-The file is in six parts. Part I is the article, step by step: data, the BNN, model,
-guide, optimizer and SVI, the training loop, prediction, the plot. Part II says "I don't
-know"; Part III draws the figures; Part IV is the plumbing a real tool needs (settings,
-input checks, data files, checkpoints, signals); Part V answers your own images and serves
-the page; Part VI runs it all from the command line.
-
-References: Blundell et al. 2015, "Weight Uncertainty in Neural Networks";
-the 2018 articles "Tutorial: Bayesian Neural Networks with Pyro" and
-"Making your Neural Network Say 'I Don't Know'" (and their translations).
+Part I is the article step by step; II says "I don't know"; III goes beyond the article; IV
+draws the figures; V is the plumbing; VI answers your own images; VII is the command line.
+References: Blundell et al. 2015, "Weight Uncertainty in Neural Networks"; the 2018 articles
+"Tutorial: Bayesian Neural Networks with Pyro" and "Making your Neural Network Say 'I Don't Know'".
 """
 
 import argparse
@@ -59,7 +29,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -77,23 +46,21 @@ import pyro.poutine as poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import ClippedAdam
 
-# torchvision, matplotlib, seaborn, tqdm and PIL are imported where they are used, so
-# that `import bnn_mnist` stays fast and silent.
+# torchvision, matplotlib, seaborn, tqdm and PIL are imported where used: `import bnn_mnist` is fast.
 
 __all__ = [  # what the README, the notebook and a user's own code need; the rest is the module's plumbing
-    "Config", "DEFAULTS", "ARTICLE", "ARTICLE_TRAIN", "load_mnist", "holdout_split", "BNN", "model", "guide",
-    "make_svi", "train_epoch", "train", "sample_weights", "sample_logits", "sample_probs", "predict_prob",
-    "predict", "pyro_predictive_prob", "plot", "sample_probs_local", "uncertainty", "median_probs",
-    "max_median_prob", "refusal_rule", "article_rule", "rule_classes", "refuses", "predict_or_abstain", "evaluate", "auroc",
-    "expected_calibration_error", "shifted_sets", "pixel_rarity", "rarity_score", "sample_probs_sets",
-    "plot_reliability", "plot_coverage", "plot_histograms", "plot_examples", "plot_pixel_scales", "plot_shift",
-    "prepare_image", "answer", "describe", "predict_files", "make_server", "save_guide", "load_guide",
-    "load_notmnist", "load_fashion", "local_reparam_loss", "Error", "main",
-]
+    "Config", "DEFAULTS", "ARTICLE", "ARTICLE_TRAIN", "Error", "ImageError", "load_mnist", "holdout_split", "BNN",
+    "model", "guide", "make_svi", "train_epoch", "train", "sample_weights", "sample_logits", "sample_probs",
+    "predict_prob", "predict", "plot", "sample_probs_local", "uncertainty", "median_probs", "max_median_prob",
+    "refusal_rule", "article_rule", "rule_classes", "refuses", "predict_or_abstain", "local_reparam_loss",
+    "pyro_predictive_prob", "evaluate", "auroc", "expected_calibration_error", "shifted_sets", "pixel_rarity",
+    "rarity_score", "sample_probs_sets", "plot_reliability", "plot_coverage", "plot_histograms", "plot_examples",
+    "plot_pixel_scales", "plot_shift", "save_guide", "load_guide", "load_notmnist", "load_fashion",
+    "prepare_image", "answer", "describe", "predict_files", "make_server", "main"]
 
 # -----------------------------------------------------------------------------
-# Settings: every default is written here once; argparse (Part IV) reads them from here.
-# How each was chosen: docs/choosing-defaults.md (benchmarks/sweep.py reproduces the evidence).
+# Settings: every default is written here once; argparse (Part VII) reads them from here. How each
+# was chosen: docs/contributing/choosing-defaults.md.
 
 
 @dataclass
@@ -107,12 +74,11 @@ class Config:
     scale_lr_factor: float = 10.0  # the guide's scales (rho) learn this many times faster than the means
     hidden_size: int = 1024
     prior_scale: float = 1.0  # the article's Normal(0, 1) prior on every weight
-    prior: str = "normal"  # "normal": N(0, prior_scale) everywhere; "fanin": weights N(0, prior_scale / sqrt(fan_in))
     kl_weight: float = 0.01  # the KL term's weight in the training objective (make_svi); 1 is the article's ELBO
     kl_per_batch: bool = False  # the article: the whole KL counted once per minibatch (its batch NLL not scaled up)
     init: str = "torch"  # the guide's start: "torch" (nn.Linear's init, scales init_scale) or "article" (N(0, 1) draws)
     init_scale: float = 1e-3  # guide scales start small: the net starts near its init
-    elbo: str = "trace"  # how SVI estimates it: "trace": Trace_ELBO (the article); "meanfield"; "local" (step 5)
+    elbo: str = "trace"  # how SVI estimates it: "trace": Trace_ELBO (the article); "meanfield"; "local" (Part III)
     num_samples: int = 10  # posterior samples for the forced prediction (the article)
     average: str = "probs"  # the forced prediction averages the samples' "probs" (the predictive) or "logits" (article)
     unc_samples: int = 100  # posterior samples for uncertainty and abstention
@@ -140,10 +106,9 @@ class Config:
 DEFAULTS = Config()
 CLASSES = 10
 
-# The article's recipe as written (`--article`, or these as keyword arguments from Python), changing
-# only what today's Pyro requires: the whole KL once per minibatch, Adam at a constant 0.01, the guide
-# started from N(0, 1) draws, all 60,000 training digits, 10 samples' logits averaged, and the
-# sequel's refusal: refuse unless some class's median probability over 100 samples exceeds 0.2.
+# The article's recipe as written (`--article`, or keyword arguments from Python): the whole KL once
+# per minibatch, Adam at a constant 0.01, the guide started from N(0, 1) draws, all 60,000 digits, 10
+# samples' logits averaged; its sequel's refusal: unless some class's median probability exceeds 0.2.
 ARTICLE_TRAIN = {"elbo": "trace", "kl_weight": 1.0, "kl_per_batch": True, "lr": 0.01, "lr_decay": 1.0,
                  "scale_lr_factor": 1.0, "epochs": 5, "batch_size": 128}  # bm.train(net, x, y, **ARTICLE_TRAIN)
 ARTICLE = ARTICLE_TRAIN | {"init": "article", "val_size": 0, "num_samples": 10, "average": "logits",
@@ -151,74 +116,67 @@ ARTICLE = ARTICLE_TRAIN | {"init": "article", "val_size": 0, "num_samples": 10, 
 ARTICLE_MEDIAN = 0.2  # the sequel's cut: some class's median sample probability must exceed it
 
 
+class Error(Exception):
+    """An expected failure (bad data, files or settings, a diverging run): the command line prints
+    its one line and exits 1; anything else is a bug and keeps its traceback."""
+
+
 # =============================================================================
 # Part I. The article, step by step
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# 1. Data: MNIST through torchvision, as in the article. The article ran a PIL transform
-# per image per step; one (N, 784) float tensor, shuffled by index each epoch, is the same
-# data at a fraction of the cost.
+# 1. Data: MNIST through torchvision, as in the article (which ran a PIL transform per image per
+# step; one (N, 784) tensor is the same data, far cheaper). Parts I and II reach the plumbing
+# (Part V) through one hook, `Plumbing`: data files, input checks, the training run's extras.
 
 
 def load_mnist(data_dir, train=True, dataset="MNIST"):
-    """One split of MNIST (or "FashionMNIST") from DATA_DIR/<dataset>/raw, downloaded if missing.
+    """One split of MNIST (or "FashionMNIST") from DATA_DIR/<dataset>/raw, downloaded if missing:
+    x (N, 784) float32 in [0, 1], y (N,) int64. A missing or damaged file is an Error naming it."""
+    import torchvision
 
-    Returns x: (N, 784) float32 in [0, 1] and y: (N,) int64. A missing or damaged file
-    raises DataError naming it (Part IV, `open_torchvision`).
-    """
-    ds = open_torchvision(dataset, data_dir, train)
+    with Plumbing.data_files(data_dir, dataset, train) as (img, lbl):  # errors name the file (Part V)
+        with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints its download attempts
+            ds = getattr(torchvision.datasets, dataset)(str(data_dir), train=train, download=True)
+        Plumbing.check_labelled(ds.data, ds.targets, img, lbl)  # what torchvision does not check
     return ds.data.reshape(len(ds.data), 784).float().div_(255), ds.targets.long()
 
 
-def holdout_split(x, y, val_size=DEFAULTS.val_size, seed=1234):
-    """Hold out val_size training images, never to be trained on: (x_train, y_train, x_val, y_val).
-
-    The held-out images set the refusal thresholds (`train(..., x_val=x_val)`) and choose
-    the defaults. The draw depends on `seed` only (the same for every training seed).
-    """
-    if not 0 <= val_size < len(x):
-        raise SettingsError(f"val_size {val_size} must lie in [0, {len(x)}): the set has {len(x)} images")
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    val, tr = perm[:val_size], perm[val_size:]
-    return x[tr], y[tr], x[val], y[val]
-
-
 # -----------------------------------------------------------------------------
-# 2. The network: 784 -> 1024 (ReLU) -> 10, holding its own posterior q(w).
-# The article kept q's parameters in Pyro's global param store; here they are
-# parameters of the net, so each trained or loaded net predicts with its own posterior,
-# moves with `net.to(device)`, and saves with `net.state_dict()`.
+# 2. The network: 784 -> 1024 (ReLU) -> 10, holding its own posterior q(w). The article kept
+# q's parameters in Pyro's global param store; here each net holds (and saves, and moves) its own.
+
+INITS = ("torch", "article")
 
 
 def inverse_softplus(y):
     """The rho whose softplus is y (a float or a tensor of scales): y + log(1 - exp(-y)), stable for small y."""
-    if torch.is_tensor(y):
-        return y + torch.log(-torch.expm1(-y))
-    return y + math.log(-math.expm1(-y))
+    return y + (torch.log(-torch.expm1(-y)) if torch.is_tensor(y) else math.log(-math.expm1(-y)))
+
+
+def bnn_forward(weights, x):
+    """Logits (B, C) of one weight set {"fc1_weight": (H, D), ...} for x (B, 784), or (S, B, C) of S
+    sets at once (a leading sample dim on every weight): one batched matmul, no Python loop."""
+    h = torch.relu(x @ weights["fc1_weight"].mT + weights["fc1_bias"].unsqueeze(-2))  # (S, B, H)
+    return h @ weights["out_weight"].mT + weights["out_bias"].unsqueeze(-2)  # (S, B, C)
 
 
 class BNN(nn.Module):
     """The architecture and its mean-field posterior: q(w) = N(loc, softplus(rho)) per weight.
 
-    net.loc / net.rho: {"fc1_weight": (H, D), "fc1_bias": (H,), "out_weight": (C, H),
-    "out_bias": (C,)}. net.prior_scale and net.prior say which Normal(0, s) prior the model
-    puts on each weight (`prior_std`; part of what was trained; saved and restored with it).
-    init="torch": the means start at nn.Linear's usual init, the scales at init_scale, so the
-    net starts as an ordinary untrained net; init="article": means and rho are N(0, 1) draws,
-    as the article's guide starts (its net starts as noise). `net(x)` gives the logits of the
-    mean network, once trained.
+    net.loc / net.rho: {"fc1_weight": (H, D), "fc1_bias": (H,), "out_weight": (C, H), "out_bias": (C,)};
+    net.prior_scale: the std of the model's Normal(0, s) prior, saved with the posterior.
+    init="torch": nn.Linear's init, scales init_scale (an ordinary untrained net); "article":
+    means and rho drawn from N(0, 1), as the article's guide starts. net(x): the mean net's logits.
     """
 
     def __init__(self, input_size=784, hidden_size=1024, output_size=10, init_scale=DEFAULTS.init_scale,
-                 prior_scale=DEFAULTS.prior_scale, prior=DEFAULTS.prior, init=DEFAULTS.init):
+                 prior_scale=DEFAULTS.prior_scale, init=DEFAULTS.init):
         super().__init__()
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-        # the model's prior (model, prior_std); saved with the guide, restored by load_guide
-        self.prior_scale, self.prior = prior_scale, prior
+        self.prior_scale = prior_scale  # the model's prior; saved with the guide, restored by load_guide
         layers = {"fc1": nn.Linear(input_size, hidden_size), "out": nn.Linear(hidden_size, output_size)}
         self.loc = nn.ParameterDict({f"{n}_{k}": p for n, m in layers.items() for k, p in m.named_parameters()})
         rho0 = inverse_softplus(init_scale)
@@ -229,11 +187,11 @@ class BNN(nn.Module):
                     self.loc[k].normal_()
                     self.rho[k].normal_()
         self.register_buffer("trained", torch.tensor(False))  # set by train() and load_guide()
+        self.rule = None  # when to say "I don't know" (Part II: refusal_rule); saved with the guide
         self.sizes = (input_size, hidden_size, output_size)
 
     @property
-    def device(self):
-        """Where the posterior lives (net.to(device) moves it)."""
+    def device(self):  # where the posterior lives (net.to(device) moves it)
         return self.loc["fc1_weight"].device
 
     def q(self, name):
@@ -241,60 +199,34 @@ class BNN(nn.Module):
         return dist.Normal(self.loc[name], F.softplus(self.rho[name])).to_event(self.loc[name].dim())
 
     def forward(self, x):
-        check_trained(self)
-        return bnn_forward(dict(self.loc), to_images(x).to(self.device))  # the input checks of predict_prob
+        self.check_trained()
+        return bnn_forward(dict(self.loc), Plumbing.to_images(x).to(self.device))  # the input checks of predict_prob
 
-
-PRIORS = ("normal", "fanin")
-INITS = ("torch", "article")
-ELBOS = ("trace", "meanfield", "local")  # make_svi: Trace_ELBO, TraceMeanField_ELBO, local_reparam_loss
-
-
-def prior_std(net, name, prior_scale=None):
-    """The prior's std for one weight tensor of net: prior_scale (None: net.prior_scale),
-    divided by sqrt(fan_in) for the weight matrices when net.prior is "fanin" (biases keep it)."""
-    prior_scale = net.prior_scale if prior_scale is None else prior_scale
-    if net.prior == "fanin" and name.endswith("_weight"):
-        return prior_scale / math.sqrt(net.loc[name].shape[-1])
-    return prior_scale
-
-
-def bnn_forward(weights, x):
-    """Logits for one weight set, or S of them at once. x: (B, 784).
-
-    weights: {"fc1_weight": (H, D), "fc1_bias": (H,), "out_weight": (C, H), "out_bias": (C,)},
-    each optionally with a leading sample dim S. Returns (B, C), or (S, B, C): one batched
-    matmul over the samples, no Python loop.
-    """
-    h = torch.relu(x @ weights["fc1_weight"].mT + weights["fc1_bias"].unsqueeze(-2))  # (S, B, H)
-    return h @ weights["out_weight"].mT + weights["out_bias"].unsqueeze(-2)  # (S, B, C)
+    def check_trained(self):
+        if not bool(self.trained):
+            raise Error("this BNN has no trained posterior: train it (bm.train) or load one (bm.load_guide)")
 
 
 # -----------------------------------------------------------------------------
-# 3. The model: p(w) p(y | x, w), Normal(0, prior_scale) on every weight and bias (the
-# article), or scaled to each layer's fan-in (--prior fanin).
+# 3. The model: p(w) p(y | x, w), Normal(0, prior_scale) on every weight and bias.
 
 
 def model(x_data, y_data=None, num_data=None, *, net, prior_scale=None, kl_weight=1.0):
     """x_data: (B, 784); y_data: (B,) or None; num_data: training-set size. Returns logits (B, 10).
 
-    Called with its defaults this is the article's model, the joint p(w) p(y | x, w) with every
-    site at scale 1, so poutine.trace, an AutoGuide or NUTS see exactly that. prior_scale: the
-    prior's std (None: net.prior_scale; see prior_std). kl_weight: only the training objective
-    tempers it (make_svi passes DEFAULTS.kl_weight, 0.01): it scales the prior's (and the
-    guide's) log-densities, so the ELBO's KL term is multiplied by it.
-
-    The data plate scales the minibatch log-likelihood by num_data / B, so the ELBO of one
-    minibatch estimates the full-data ELBO: the KL is counted once per data set, not once
-    per batch as in the article (469x too heavy there; num_data=None is the article's).
+    With its defaults, the article's joint p(w) p(y | x, w), every site at scale 1 (for
+    poutine.trace, an AutoGuide or NUTS). prior_scale: None is net.prior_scale. kl_weight
+    scales the prior's (and the guide's) log-densities: the training objective's tempering.
+    The data plate scales the minibatch log-likelihood by num_data / B, so one minibatch's ELBO
+    estimates the full-data ELBO (num_data=None: the article's, the KL once per minibatch).
     """
+    std = net.prior_scale if prior_scale is None else prior_scale
     weights = {}
     with poutine.scale(scale=kl_weight):
         for name, loc in net.loc.items():
             zero = loc.new_zeros(())
             # .to_event: a weight matrix is one draw of a (H, D)-shaped random variable
-            prior = dist.Normal(zero, zero + prior_std(net, name, prior_scale)).expand(loc.shape).to_event(loc.dim())
-            weights[name] = pyro.sample(name, prior)
+            weights[name] = pyro.sample(name, dist.Normal(zero, zero + std).expand(loc.shape).to_event(loc.dim()))
     logits = bnn_forward(weights, x_data)  # (B, 10)
     with pyro.plate("data", size=num_data or len(x_data), subsample=torch.arange(len(x_data), device=x_data.device)):
         pyro.sample("obs", dist.Categorical(logits=logits), obs=y_data)
@@ -305,13 +237,19 @@ def model(x_data, y_data=None, num_data=None, *, net, prior_scale=None, kl_weigh
 # 4. The guide: mean-field Normal, q(w) = prod N(loc, softplus(rho)), as in the article.
 
 
-def guide(x_data=None, y_data=None, num_data=None, *, net, kl_weight=1.0):
-    """Samples every weight from q; returns {name: weight}.
+def register(net):
+    """pyro.module("bnn", net): net.loc and net.rho become the Pyro params SVI optimises; outside
+    `train` (its own param store) a second net would silently get the first net's tensors back."""
+    pyro.module("bnn", net)
+    if dict(pyro.get_param_store().named_parameters())["bnn$$$loc.fc1_weight"] is not net.loc["fc1_weight"]:
+        raise ValueError("Pyro's param store holds another BNN's posterior: run SVI by hand inside "
+                         "`with pyro.get_param_store().scope():` (as bm.train does), or pyro.clear_param_store()")
 
-    The model's arguments but the prior's (the guide has no prior); kl_weight must be the
-    model's, so that log q - log p is weighted alike.
-    """
-    register(net)  # pyro.module: net.loc and net.rho become the Pyro params SVI optimises
+
+def guide(x_data=None, y_data=None, num_data=None, *, net, kl_weight=1.0):
+    """Samples every weight from q; returns {name: weight}. The model's arguments but the prior's;
+    kl_weight must be the model's, so that log q - log p is weighted alike."""
+    register(net)
     with poutine.scale(scale=kl_weight):  # as in the model: log q - log p weighted alike
         return {name: pyro.sample(name, net.q(name)) for name in net.loc}
 
@@ -320,66 +258,37 @@ def guide(x_data=None, y_data=None, num_data=None, *, net, kl_weight=1.0):
 # 5. The optimizer and SVI. The training objective (make_svi and train; model and guide
 # alone are the article's, kl_weight 1):
 #     maximise  E_q[log p(D | w)] - kl_weight * KL(q(w) || p(w)),   kl_weight = 0.01
-# (the article's ELBO is kl_weight = 1; see the module docstring for why it is tempered),
-# estimated by Pyro's Trace_ELBO on model and guide, as in the article (elbo="trace").
+# With kl_weight 1 the guide's scales either barely leave their start in 5 epochs (the
+# article's optimiser: the samples agree everywhere) or, learning 10x faster as here, widen
+# all 814,090 weights toward the prior and cost accuracy (docs/how-it-works.md).
+
+# How SVI estimates it (--elbo): Trace_ELBO samples the KL, as the article did; TraceMeanField_ELBO
+# computes it exactly; Part III adds "local". Each: (net, prior_scale, kl_weight) -> SVI's loss.
+ESTIMATORS = {"trace": lambda *settings: Trace_ELBO(), "meanfield": lambda *settings: TraceMeanField_ELBO()}
 
 
 def make_svi(net, lr, lr_decay=1.0, prior_scale=None, elbo=DEFAULTS.elbo,
              scale_lr_factor=DEFAULTS.scale_lr_factor, kl_weight=DEFAULTS.kl_weight):
-    """SVI with Adam; lr_decay multiplies the learning rate at every step.
+    """SVI with Adam on model and guide, the KL weighted by kl_weight (1.0: the article's ELBO).
 
-    The objective is the ELBO with its KL term weighted by kl_weight (DEFAULTS.kl_weight,
-    0.01: a tempered posterior; 1.0 is the article's ELBO), the same default as model,
-    guide and train:  E_q[log p(D | w)] - kl_weight * KL(q(w) || p(w)).
-    prior_scale: None uses net.prior_scale.
-
-    ClippedAdam is Adam with that per-step decay kept in its own state, so a resumed run
-    decays exactly like an uninterrupted one; clipping is off (clip_norm=inf).
+    lr_decay multiplies the learning rate at every step. ClippedAdam is Adam with that decay
+    kept in its own state, so a resumed run decays exactly like an uninterrupted one; clipping
+    is off (clip_norm=inf). prior_scale: None uses net.prior_scale.
     """
     optim = ClippedAdam(lambda param_name: {
         "lr": lr * (scale_lr_factor if param_name.endswith(tuple(f"rho.{k}" for k in net.rho)) else 1.0),
         "lrd": lr_decay,
         "clip_norm": float("inf"),
     })
-    # Trace_ELBO estimates the KL by sampling, as the article did; TraceMeanField_ELBO
-    # computes it exactly (same objective, less noise); "local" also draws each image's own
-    # pre-activations instead of one weight set per minibatch (same objective, less noise).
-    loss = {"trace": Trace_ELBO(), "meanfield": TraceMeanField_ELBO(),
-            "local": partial(local_reparam_loss, net=net, prior_scale=prior_scale, kl_weight=kl_weight)}[elbo]
+    loss = ESTIMATORS[elbo](net, prior_scale, kl_weight)
     svi = SVI(partial(model, net=net, prior_scale=prior_scale, kl_weight=kl_weight),
               partial(guide, net=net, kl_weight=kl_weight), optim, loss)
     return svi, optim
 
 
-def local_reparam_loss(model, guide, x_data, y_data, num_data=None, *, net, prior_scale=None,
-                       kl_weight=DEFAULTS.kl_weight):
-    """The same -ELBO as Trace_ELBO on (model, guide), estimated with less noise (--elbo local).
-
-    The local reparameterization trick (Kingma, Salimans and Welling 2015): under the
-    mean-field q, each image's pre-activations h W^T + b are Normal with mean h loc^T + loc_b
-    and variance h^2 scale^2^T + scale_b^2, so each image draws its own (B, H) and (B, C)
-    instead of sharing one weight set; the KL is exact, as in TraceMeanField_ELBO. Pyro's SVI
-    takes it as a loss callable (it calls it with model and guide first, which this estimator
-    does not need: it reads q from the net and p from prior_std).
-    """
-    register(net)  # net.loc / net.rho are the Pyro params SVI steps
-    scale = {k: F.softplus(r) for k, r in net.rho.items()}
-    prior = {k: dist.Normal(loc.new_zeros(()), prior_std(net, k, prior_scale)) for k, loc in net.loc.items()}
-    kl = sum(kl_divergence(dist.Normal(loc, scale[k]), prior[k]).sum() for k, loc in net.loc.items())
-
-    def layer(name, h):  # h: (B, in) -> one draw of (B, out) per image
-        mean = h @ net.loc[f"{name}_weight"].mT + net.loc[f"{name}_bias"]
-        var = h.square() @ scale[f"{name}_weight"].square().mT + scale[f"{name}_bias"].square()
-        return mean + var.sqrt() * torch.randn_like(mean)
-
-    logits = layer("out", torch.relu(layer("fc1", x_data)))  # (B, 10)
-    nll = F.cross_entropy(logits, y_data, reduction="sum") * (num_data or len(x_data)) / len(x_data)
-    return nll + kl_weight * kl
-
-
 # -----------------------------------------------------------------------------
-# 6. The training loop: the article's loop over shuffled minibatches. Checkpoints,
-# signals, NaN checks and the progress bar are a hook (`TrainingRun`, Part IV).
+# 6. The training loop: the article's loop over shuffled minibatches. The progress bar,
+# NaN checks, checkpoints and signals are the plumbing's (`Plumbing.TrainingRun`, Part V).
 
 
 def train_epoch(svi, x_train, y_train, batch_size, state, steps, after_step=None, kl_per_batch=False):
@@ -404,18 +313,15 @@ def train_epoch(svi, x_train, y_train, batch_size, state, steps, after_step=None
 def train(net, x_train, y_train, *, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.batch_size, lr=DEFAULTS.lr,
           lr_decay=DEFAULTS.lr_decay, scale_lr_factor=DEFAULTS.scale_lr_factor, prior_scale=None,
           kl_weight=DEFAULTS.kl_weight, elbo=DEFAULTS.elbo, kl_per_batch=DEFAULTS.kl_per_batch, max_batches=None,
-          x_val=None, validate=False, progress=True, log=print, **plumbing):
+          validate=False, progress=True, log=print, **plumbing):
     """Fit net's posterior by SVI; returns {"losses": per-epoch -ELBO per example, "train_seconds"}.
 
     prior_scale: None keeps net.prior_scale; a number sets it. kl_weight: the objective's
     tempering, E_q[log p(D | w)] - kl_weight * KL(q || p) (1: the article's ELBO).
-    kl_per_batch: the article's loss (**ARTICLE gives its whole recipe). x_val: held-out images
-    (N, 784), never trained on (e.g. from `holdout_split`); when given, the default
-    refusal rule is fitted on them and kept as net.rule (Part II, `refusal_rule`), so
-    `predict_or_abstain(x, net)` and `save_guide` use it. Pyro's param store is used only
-    inside this call (a scope of its own), so nothing trained here leaks into other nets.
-    `plumbing` (checkpoint_path, settings, resume_state, stop_requested) is handled by
-    TrainingRun (Part IV).
+    kl_per_batch: the article's loss (**ARTICLE_TRAIN gives its whole recipe). Pyro's param
+    store is used only inside this call (a scope of its own), so nothing trained here leaks
+    into other nets. `plumbing` (checkpoint_path, settings, resume_state, stop_requested) is
+    handled by Plumbing.TrainingRun (Part V).
     """
     if prior_scale is not None:
         net.prior_scale = prior_scale
@@ -427,16 +333,13 @@ def train(net, x_train, y_train, *, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.
     # lr_decay per epoch, applied smoothly at every step; it does not depend on `epochs`,
     # so 3 epochs and then 2 more with --resume are exactly 5 epochs.
     svi, optim = make_svi(net, lr, lr_decay ** (1 / steps), net.prior_scale, elbo, scale_lr_factor, kl_weight)
-    run = TrainingRun(net, optim, steps, epochs, progress, log, **plumbing)
+    run = Plumbing.TrainingRun(net, optim, steps, epochs, progress, log, **plumbing)  # Part V
     with pyro.get_param_store().scope(), pyro.validation_enabled(validate), run.reporting_nan():
         state = run.start()
         while state["epoch"] < epochs:
             loss = train_epoch(svi, x_train, y_train, batch_size, state, steps, run.after_step, kl_per_batch)
             run.end_epoch(loss)
-    result = run.finish()
-    if x_val is not None:
-        net.rule = refusal_rule(x_val, net)
-    return result
+    return run.finish()
 
 
 # -----------------------------------------------------------------------------
@@ -445,37 +348,43 @@ def train(net, x_train, y_train, *, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.
 # predictive: two samples that are sure of different classes should give "either", not "neither".
 
 
+def check_num_samples(num_samples):
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+
+
 def sample_weights(net, num_samples):
     """num_samples weight sets drawn from q in one vectorised call: {name: (S, ...)}."""
     return {name: net.q(name).sample((num_samples,)) for name in net.loc}
 
 
-def sample_probs(x, net, num_samples=DEFAULTS.num_samples, max_elements=2**25):
-    """Class probabilities of each posterior sample: (S, B, 10), on the net's device."""
-    return sample_logits(x, net, num_samples, max_elements).softmax(-1)
+def chunk_sizes(net, num_samples, num_images, max_elements):
+    """Weight sets and images per chunk, so that neither the sampled weights (s, ...) nor the
+    hidden activations (s, b, H) exceed max_elements floats (128 MiB by default), whatever S
+    and B are (as long as max_elements holds one weight set: 814k floats)."""
+    hidden = net.sizes[1]
+    weight_set = sum(p.numel() for p in net.loc.values())
+    s_chunk = max(1, min(num_samples, max_elements // weight_set, max_elements // (hidden * min(num_images, 1024))))
+    return s_chunk, max(1, max_elements // (hidden * s_chunk))
 
 
 def sample_logits(x, net, num_samples=DEFAULTS.num_samples, max_elements=2**25):
-    """The logits of num_samples weight sets drawn from q, each run on every image: (S, B, 10).
-
-    Work is chunked over samples and images so that neither the sampled weights (s, ...)
-    nor the hidden activations (s, b, H) exceed max_elements floats (128 MiB by default),
-    whatever S and B are (as long as max_elements holds one weight set: 814k floats).
-    """
+    """The logits of num_samples weight sets drawn from q, each run on every image: (S, B, 10)."""
     check_num_samples(num_samples)
-    check_trained(net)
-    x = to_images(x).to(net.device)
-    _, hidden, classes = net.sizes
-    out = torch.empty(num_samples, x.shape[0], classes, device=x.device)  # (S, B, 10)
-    weight_set = sum(p.numel() for p in net.loc.values())
-    s_chunk = max(1, min(num_samples, max_elements // weight_set, max_elements // (hidden * min(len(x), 1024))))
-    b_chunk = max(1, max_elements // (hidden * s_chunk))
+    net.check_trained()
+    x = Plumbing.to_images(x).to(net.device)
+    s_chunk, b_chunk = chunk_sizes(net, num_samples, len(x), max_elements)  # memory bound, see below
+    chunks = []
     with torch.no_grad():
         for s in range(0, num_samples, s_chunk):
-            weights = sample_weights(net, min(s_chunk, num_samples - s))
-            for b in range(0, x.shape[0], b_chunk):
-                out[s : s + s_chunk, b : b + b_chunk] = bnn_forward(weights, x[b : b + b_chunk])  # (s, b, 10)
-    return out
+            weights = sample_weights(net, min(s_chunk, num_samples - s))  # s weight sets: {name: (s, ...)}
+            chunks.append(torch.cat([bnn_forward(weights, x[b : b + b_chunk]) for b in range(0, len(x), b_chunk)], 1))
+    return torch.cat(chunks)  # (S, B, 10)
+
+
+def sample_probs(x, net, num_samples=DEFAULTS.num_samples, max_elements=2**25):
+    """Class probabilities of each posterior sample: (S, B, 10), on the net's device."""
+    return sample_logits(x, net, num_samples, max_elements).softmax(-1)
 
 
 def predict_prob(x, net, num_samples=DEFAULTS.num_samples, average=DEFAULTS.average):
@@ -496,23 +405,9 @@ def predict(x, net, num_samples=DEFAULTS.num_samples, average=DEFAULTS.average):
     return predict_prob(x, net, num_samples, average).argmax(-1)
 
 
-def pyro_predictive_prob(x, net, num_samples=DEFAULTS.num_samples):
-    """A demonstration of Pyro's own tool, `Predictive` (guide, then model): the same (B, 10)
-    posterior predictive as predict_prob, computed the Pyro way.
-
-    A demonstration: it draws all num_samples weight sets at once (S x 814k floats at the
-    defaults), where sample_probs bounds its memory.
-    """
-    check_trained(net)
-    predictive = Predictive(partial(model, net=net), guide=partial(guide, net=net), num_samples=num_samples,
-                            return_sites=["_RETURN"], parallel=True)  # all samples in one vectorised pass
-    with torch.no_grad(), pyro.get_param_store().scope():
-        logits = predictive(to_images(x).to(net.device))["_RETURN"]  # (S, B, 10)
-    return logits.softmax(-1).mean(0)
-
-
 # -----------------------------------------------------------------------------
-# 8. The plot: the digit beside a bar chart of its class probabilities.
+# 8. The plot: the digit beside a bar chart of its class probabilities. Every figure of the
+# module (Part IV too) is built by _figure and saved or shown by _finish.
 
 
 def normalize(x):
@@ -522,6 +417,63 @@ def normalize(x):
     return (x - x.min()) / span if span > 0 else torch.zeros_like(x)
 
 
+def _figure(nrows=1, ncols=1, figsize=(8, 3.5), **kw):
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False, **kw)
+
+
+def atomic_write(path, write):
+    """write(file) to a temporary file beside path, then rename it: path is never half-written."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise Error(f"could not save {path}: {e.strerror or e} (the previous file is kept)") from None
+        raise
+
+
+def _finish(fig, path):
+    """Save fig to path (whole or not at all), else show it in a notebook; returns fig."""
+    if path is not None:
+        fmt = Path(path).suffix.lstrip(".") or "png"
+        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format=fmt))
+    else:
+        try:  # in a notebook: show it as a PNG (works whatever matplotlib backend is active)
+            from IPython import get_ipython
+            from IPython.display import Image, display
+
+            if get_ipython() is not None:
+                buffer = io.BytesIO()
+                fig.savefig(buffer, dpi=110, format="png")
+                display(Image(data=buffer.getvalue(), format="png"))
+        except ImportError:
+            pass
+    return fig
+
+
+def _digit(ax, image, title=None, **imshow):
+    """A 28 x 28 image on ax, without ticks or grid (a digit in [0, 1] unless imshow says otherwise)."""
+    shown = ax.imshow(image.reshape(28, 28).cpu().numpy(), **({"cmap": "gray_r", "vmin": 0, "vmax": 1} | imshow))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return shown
+
+
 def plot(x, probs, label=None, path=None, generator=None):
     """The article's figure for one image (784,), (28, 28) or (1, 28, 28).
 
@@ -529,7 +481,12 @@ def plot(x, probs, label=None, path=None, generator=None):
     dots: the samples) or (10,). Saved to path if given, else shown; returns the figure.
     generator: the dots' horizontal jitter (default: a fixed one; the global RNG is left alone).
     """
-    image, probs = check_plot_inputs(x, probs)
+    x, probs = torch.as_tensor(x).detach().cpu(), torch.as_tensor(probs, dtype=torch.float).detach().cpu()
+    if x.numel() != 784:
+        raise ValueError(f"plot takes one 28x28 image, got shape {tuple(x.shape)}")
+    image, probs = Plumbing.to_images(x.reshape(1, 784))[0], probs[None] if probs.dim() == 1 else probs  # (784,), (S, 10)
+    if probs.dim() != 2 or probs.shape[1] != CLASSES:
+        raise ValueError(f"probs must have shape (S, 10) or (10,), got {tuple(probs.shape)}")
     mean = probs.mean(0)
     pred = int(mean.argmax())
     fig, axes = _figure(1, 2, figsize=(8, 3.2), width_ratios=[1, 2.6])
@@ -550,6 +507,7 @@ def plot(x, probs, label=None, path=None, generator=None):
     return _finish(fig, path)
 
 
+
 # =============================================================================
 # Part II. Saying "I don't know": uncertainty from the (S, B, 10) sample probabilities.
 # Every measure is "higher = more uncertain". The network refuses when its samples disagree
@@ -558,27 +516,29 @@ def plot(x, probs, label=None, path=None, generator=None):
 # on held-out training images, computed in every run (`refusal_rule`).
 # =============================================================================
 
+def holdout_split(x, y, val_size=DEFAULTS.val_size, seed=1234):
+    """Hold out val_size training images, never to be trained on: (x_train, y_train, x_val, y_val).
+
+    The held-out images set the refusal thresholds (`refusal_rule`, Part II) and choose the
+    defaults. The draw depends on `seed` only (the same for every training seed).
+    """
+    if not 0 <= val_size < len(x):
+        raise Error(f"val_size {val_size} must lie in [0, {len(x)}): the set has {len(x)} images")
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    val, tr = perm[:val_size], perm[val_size:]
+    return x[tr], y[tr], x[val], y[val]
+
+
 # -----------------------------------------------------------------------------
 # Many samples of many images. Saying "I don't know" needs 100 samples of every image, and
 # weight-set sampling (step 7) pays a 784x1024 matrix product per sample. Under the
 # mean-field q it need not: for one image x, the hidden pre-activations are exactly Normal,
 # mean x loc^T + loc_b and variance x^2 scale^2^T + scale_b^2, independently per unit (the
-# local reparameterization trick of `local_reparam_loss`, used at prediction time). So each
-# image's S samples come from one matrix product for the mean and one for the variance, then
-# S Normal draws of its H pre-activations, and the output layer's S weight sets (10 x H each).
-#
-# Each image's samples are exact, independent draws of its predictive distribution. What
-# differs from weight sets is how images are coupled, which no per-image number (entropies,
-# mutual information, the refusal rule) sees, but numbers over many images (an AUROC, the
-# fraction refused) do: if every image took the same S noise vectors, those numbers would swing
-# from one draw to the next far more than with weight sets. So each image takes its own S
-# consecutive rows, from a random offset, of a pool of Normal vectors many times larger than S:
-# two images rarely share a row, and the pool costs a copy per row instead of a fresh draw.
-
-
-def sample_probs_local(x, net, num_samples=DEFAULTS.unc_samples, generator=None):
-    """Class probabilities of num_samples exact per-image posterior draws: (S, B, 10), like sample_probs."""
-    return sample_logits_local(x, net, num_samples, generator).softmax(-1)
+# local reparameterization trick, Kingma et al. 2015). So each image's S samples are exact:
+# two matrix products, S Normal draws of its H pre-activations, S output-layer weight sets.
+# Images are coupled differently than by weight sets, which numbers over many images (an
+# AUROC) would feel if all shared S noise vectors; so each image takes its own S rows, from
+# a random offset, of a pool of Normal vectors many times larger than S.
 
 
 def sample_logits_local(x, net, num_samples=DEFAULTS.unc_samples, generator=None, max_elements=2**21):
@@ -588,8 +548,8 @@ def sample_logits_local(x, net, num_samples=DEFAULTS.unc_samples, generator=None
     most max_elements hidden activations (8 MiB by default).
     """
     check_num_samples(num_samples)
-    check_trained(net)
-    x, S = to_images(x).to(net.device), num_samples
+    net.check_trained()
+    x, S = Plumbing.to_images(x).to(net.device), num_samples
     with torch.no_grad():
         scale = {k: F.softplus(r) for k, r in net.rho.items()}
         mean = torch.addmm(net.loc["fc1_bias"], x, net.loc["fc1_weight"].mT)  # (B, H)
@@ -614,6 +574,11 @@ def sample_logits_local(x, net, num_samples=DEFAULTS.unc_samples, generator=None
                 torch.addcmul(m, sd, h, out=h).relu_()  # (ks, rows, H): the hidden units of each image
                 out[s : s + ks, b : b + rows] = torch.baddbmm(out_b[s : s + ks, None], h, out_w[s : s + ks].mT)
     return out
+
+
+def sample_probs_local(x, net, num_samples=DEFAULTS.unc_samples, generator=None):
+    """Class probabilities of num_samples exact per-image posterior draws: (S, B, 10), like sample_probs."""
+    return sample_logits_local(x, net, num_samples, generator).softmax(-1)
 
 
 SAMPLERS = ("local", "weights")  # Config.sampler, --sampler
@@ -682,6 +647,11 @@ def rule_classes(probs, rule):
     return (median_probs(probs) if "max_median_prob" in rule else probs.mean(0)).argmax(-1)
 
 
+def thresholds(u, quantiles):
+    """{measure: its quantile q over the images of u (uncertainty()'s dict)} for {measure: q}."""
+    return {m: float(torch.quantile(u[m].double(), q)) for m, q in quantiles.items()}
+
+
 def refusal_rule(x_val, net, measure=DEFAULTS.measure, quantile=DEFAULTS.refuse_quantile,
                  ambiguity_quantile=DEFAULTS.ambiguity_quantile, num_samples=DEFAULTS.unc_samples,
                  sampler=DEFAULTS.sampler):
@@ -699,11 +669,6 @@ def refusal_rule(x_val, net, measure=DEFAULTS.measure, quantile=DEFAULTS.refuse_
     return thresholds(u, quantiles)
 
 
-def thresholds(u, quantiles):
-    """{measure: its quantile q over the images of u (uncertainty()'s dict)} for {measure: q}."""
-    return {m: float(torch.quantile(u[m].double(), q)) for m, q in quantiles.items()}
-
-
 def refuses(u, rule):
     """(B,) True where any measure of u (scores_for()'s dict) exceeds its threshold in rule.
 
@@ -718,12 +683,70 @@ def predict_or_abstain(x, net, rule=None, num_samples=DEFAULTS.unc_samples):
     rule defaults to the one saved with the net's guide (`load_guide`); for a net you
     trained, make one with `refusal_rule(x_val, net)`.
     """
-    rule = rule if rule is not None else getattr(net, "rule", None)
+    rule = rule if rule is not None else net.rule
     if not rule:
         raise ValueError("no refusal rule: pass rule=, e.g. bm.refusal_rule(x_val, net) on held-out images")
     probs = sample_probs_local(x, net, num_samples)  # (S, B, 10)
-    pred = probs.mean(0).argmax(-1)
-    return torch.where(refuses(scores_for(probs, rule), rule), -1, pred)
+    return torch.where(refuses(scores_for(probs, rule), rule), -1, rule_classes(probs, rule))
+
+# =============================================================================
+# Part III. Beyond the article: a faster estimator of the same objective, Pyro's own
+# Predictive, and the numbers a run reports (calibration, abstention, shifted and foreign
+# images, and a model-free control).
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# The local reparameterization trick for training (--elbo local).
+
+
+def local_reparam_loss(model, guide, x_data, y_data, num_data=None, *, net, prior_scale=None,
+                       kl_weight=DEFAULTS.kl_weight):
+    """The same -ELBO as Trace_ELBO on (model, guide), estimated with less noise (--elbo local).
+
+    The local reparameterization trick (Kingma, Salimans and Welling 2015): under the
+    mean-field q, each image's pre-activations h W^T + b are Normal with mean h loc^T + loc_b
+    and variance h^2 scale^2^T + scale_b^2, so each image draws its own (B, H) and (B, C)
+    instead of sharing one weight set; the KL is exact, as in TraceMeanField_ELBO. Pyro's SVI
+    takes it as a loss callable (it calls it with model and guide first, which this estimator
+    does not need: it reads q and the prior's scale from the net).
+    """
+    register(net)  # net.loc / net.rho are the Pyro params SVI steps
+    scale = {k: F.softplus(r) for k, r in net.rho.items()}
+    std = net.prior_scale if prior_scale is None else prior_scale
+    prior = {k: dist.Normal(loc.new_zeros(()), std) for k, loc in net.loc.items()}
+    kl = sum(kl_divergence(dist.Normal(loc, scale[k]), prior[k]).sum() for k, loc in net.loc.items())
+
+    def layer(name, h):  # h: (B, in) -> one draw of (B, out) per image
+        mean = h @ net.loc[f"{name}_weight"].mT + net.loc[f"{name}_bias"]
+        var = h.square() @ scale[f"{name}_weight"].square().mT + scale[f"{name}_bias"].square()
+        return mean + var.sqrt() * torch.randn_like(mean)
+
+    logits = layer("out", torch.relu(layer("fc1", x_data)))  # (B, 10)
+    nll = F.cross_entropy(logits, y_data, reduction="sum") * (num_data or len(x_data)) / len(x_data)
+    return nll + kl_weight * kl
+
+ESTIMATORS["local"] = lambda net, prior_scale, kl_weight: partial(local_reparam_loss, net=net,
+                                                                  prior_scale=prior_scale, kl_weight=kl_weight)
+ELBOS = tuple(ESTIMATORS)  # --elbo's choices
+
+
+def pyro_predictive_prob(x, net, num_samples=DEFAULTS.num_samples):
+    """A demonstration of Pyro's own tool, `Predictive` (guide, then model): the same (B, 10)
+    posterior predictive as predict_prob, computed the Pyro way.
+
+    A demonstration: it draws all num_samples weight sets at once (S x 814k floats at the
+    defaults), where sample_probs bounds its memory.
+    """
+    net.check_trained()
+    predictive = Predictive(partial(model, net=net), guide=partial(guide, net=net), num_samples=num_samples,
+                            return_sites=["_RETURN"], parallel=True)  # all samples in one vectorised pass
+    with torch.no_grad(), pyro.get_param_store().scope():
+        logits = predictive(Plumbing.to_images(x).to(net.device))["_RETURN"]  # (S, B, 10)
+    return logits.softmax(-1).mean(0)
+
+# -----------------------------------------------------------------------------
+# The numbers of a run: accuracy and calibration of the mean probabilities (B, 10),
+# abstention, selective prediction, telling foreign images apart.
 
 
 def abstention(refused, correct):
@@ -899,47 +922,9 @@ def sample_probs_sets(sets, net, num_samples=DEFAULTS.unc_samples, sampler=DEFAU
 
 
 # =============================================================================
-# Part III. Figures: each builds its own figure, saves it to `path` when given, else
+# Part IV. Figures: each builds its own figure, saves it to `path` when given, else
 # shows it in a notebook; returns the figure. matplotlib/seaborn are imported here.
 # =============================================================================
-
-
-def _figure(nrows=1, ncols=1, figsize=(8, 3.5), **kw):
-    import seaborn as sns
-    from matplotlib.figure import Figure
-
-    sns.set_theme(style="whitegrid", context="notebook")
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig, fig.subplots(nrows, ncols, squeeze=False, **kw)
-
-
-def _finish(fig, path):
-    if path is not None:
-        fmt = Path(path).suffix.lstrip(".") or "png"
-        atomic_save(fig, path, write=lambda f, file: f.savefig(file, dpi=110, format=fmt))
-    else:
-        try:  # in a notebook: show it as a PNG (works whatever matplotlib backend is active)
-            from IPython import get_ipython
-            from IPython.display import Image, display
-
-            if get_ipython() is not None:
-                buffer = io.BytesIO()
-                fig.savefig(buffer, dpi=110, format="png")
-                display(Image(data=buffer.getvalue(), format="png"))
-        except ImportError:
-            pass
-    return fig
-
-
-def _digit(ax, image, title=None, **imshow):
-    """A 28 x 28 image on ax, without ticks or grid (a digit in [0, 1] unless imshow says otherwise)."""
-    shown = ax.imshow(image.reshape(28, 28).cpu().numpy(), **({"cmap": "gray_r", "vmin": 0, "vmax": 1} | imshow))
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
-    if title:
-        ax.set_title(title, fontsize=10)
-    return shown
 
 
 def plot_reliability(probs, y, path=None, bins=15):
@@ -1075,57 +1060,90 @@ def plot_shift(results, path=None):
 
 
 # =============================================================================
-# Part IV. Plumbing: input checks, data files, the training hook (checkpoints, signals,
-# divergence), saving and loading, memory tuning, the command line's settings.
+# Part V. Plumbing: data files, the training hook (checkpoints, signals, divergence),
+# saving and loading, memory tuning, the command line's settings.
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# Errors: the expected failures. Each has a one-line message for the user; the command
-# line prints it without a traceback. Anything else is a bug and keeps its traceback.
+# Input checks and MNIST's files: what the article's steps call through `Plumbing`.
 
 
-class Error(Exception):
-    """An expected failure of bnn_mnist (bad data, files or settings, a diverging run)."""
+
+def to_images(x):
+    """Images as the network's input, (B, 784) float32 in [0, 1]: from (B, 784), (B, 28, 28) or
+    (B, 1, 28, 28), a tensor or array, floats in [0, 1] or uint8 (0-255). Anything else (one
+    image, other shapes or dtypes, NaN, values out of range, no images) is a ValueError."""
+    try:  # a tensor stays where it is (torch.as_tensor would move it to the default device)
+        x = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"images must be a tensor or array, got {type(x).__name__}: {e}") from None
+    if tuple(x.shape) in ((784,), (28, 28)):
+        raise ValueError(f"got one image of shape {tuple(x.shape)}: pass a batch, e.g. x[None]")
+    if x.dim() < 2 or x.shape[1:] not in ((784,), (28, 28), (1, 28, 28)):
+        raise ValueError(f"images must have shape (B, 784), (B, 28, 28) or (B, 1, 28, 28), got {tuple(x.shape)}")
+    if len(x) == 0:
+        raise ValueError("empty batch: no images to predict")
+    if x.dtype == torch.uint8:
+        return x.reshape(len(x), 784).float() / 255
+    if not x.is_floating_point():
+        raise ValueError(f"images must be float in [0, 1] or uint8 in 0-255, got dtype {x.dtype}")
+    x = x.float().reshape(len(x), 784)
+    if torch.isnan(x).any():
+        raise ValueError("images contain NaN pixels")
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError(f"pixel values must lie in [0, 1], got [{x.min().item():.4g}, {x.max().item():.4g}]: "
+                         f"divide 0-255 images by 255 (or pass them as uint8)")
+    return x
 
 
-class DataError(Error):
-    """A data file is missing, truncated or malformed (the message names it)."""
+MNIST_FILES = {  # split -> (images, labels), torchvision's names
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
-class DownloadFailed(DataError):
-    """A data set is not on disk and could not be downloaded (`reason` says why)."""
+def mnist_error(raw, train, e):
+    """Why torchvision could not open a split: a file missing (and no download) or damaged."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
 
-    def __init__(self, message, reason):
-        super().__init__(message)
-        self.reason = reason
-
-
-class MissingFile(Error, FileNotFoundError):
-    """A file the user named (or a checkpoint to resume) does not exist."""
-
-
-class BadFile(Error, ValueError):
-    """A saved guide or checkpoint is unreadable, of another format, or does not fit the BNN."""
-
-
-class SaveError(Error, OSError):
-    """An output could not be written (full disk, no permission); the previous file is kept."""
+    missing = [n for pair in MNIST_FILES.values() for n in pair if not (raw / n).exists()]
+    reason = ([line.strip("<> ") for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1]
+    if missing:
+        return (f"no {raw.parent.name} file {missing[0]} in {raw} and the download failed ({reason}); put the four "
+                f"*-ubyte files there, or point --data-dir at a folder holding {raw.parent.name}/raw/")
+    for name, read in zip(MNIST_FILES[train], (read_image_file, read_label_file)):
+        with contextlib.suppress(Exception):  # torchvision's readers: a bare AssertionError names no file
+            read(str(raw / name))
+            continue
+        return f"{raw / name} is not an MNIST IDX file: damaged or truncated"
+    return f"cannot read {raw.parent.name} in {raw}: {reason}"
 
 
-class SettingsError(Error, ValueError):
-    """Settings that cannot work together (e.g. --resume with other settings)."""
+def check_labelled(images, labels, img_path, lbl_path):
+    """The checks torchvision lacks: 28x28 images (N, 28, 28), as many labels (N,), labels 0-9."""
+    if images.dim() != 3 or images.shape[1:] != (28, 28):
+        raise Error(f"{img_path} holds images of shape {tuple(images.shape[1:])}, not 28x28")
+    if len(images) != len(labels):
+        raise Error(f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels")
+    if len(labels) and labels.max() >= CLASSES:
+        raise Error(f"{lbl_path} has a label {int(labels.max())}, outside 0-9")
 
 
-class NotTrained(Error, ValueError):
-    """A net without a trained posterior was asked to predict."""
+@contextlib.contextmanager
+def data_files(data_dir, dataset, train):
+    """Around torchvision's opening of a split: yields its (images, labels) paths; a failure
+    becomes an Error that names the missing or damaged file."""
+    raw = Path(data_dir) / dataset / "raw"
+    try:
+        yield tuple(raw / name for name in MNIST_FILES[train])
+    except Error:
+        raise
+    except Exception as e:  # no network, a damaged file: one line, no traceback
+        raise Error(mnist_error(raw, train, e)) from None
 
 
-class ImageError(Error, ValueError):
-    """A picture that cannot be answered: not an image, empty, or without ink."""
-
-
-class TrainingDiverged(Error, RuntimeError):
-    """The loss or a parameter became NaN or infinite."""
+# -----------------------------------------------------------------------------
+# Interrupted: the one failure that is not an Error: the command line exits 128 + signal.
 
 
 class Interrupted(Exception):
@@ -1137,117 +1155,12 @@ class Interrupted(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Input checks: a clear ValueError for bad input, never garbage.
+# Out-of-distribution data files: Fashion-MNIST and image folders (notMNIST-459).
+# Debian ships Fashion-MNIST gzipped, outside torchvision's layout, and torchvision 0.29's
+# IDX reader (torchvision.datasets.mnist.read_image_file) neither reads .gz files nor says
+# what is wrong with a damaged one (a bare AssertionError): read_idx does both.
 
-
-def check_trained(net):
-    if not bool(net.trained):
-        raise NotTrained("this BNN has no trained posterior: train it (bm.train) or load one (bm.load_guide)")
-
-
-def register(net):
-    """pyro.module("bnn", net), refusing to train one net's tensors in another's place.
-
-    Outside `train` (which gives SVI a param store of its own), a second net's guide would
-    otherwise get the first net's tensors back from the global store, silently.
-    """
-    pyro.module("bnn", net)
-    if dict(pyro.get_param_store().named_parameters())["bnn$$$loc.fc1_weight"] is not net.loc["fc1_weight"]:
-        raise ValueError("Pyro's param store holds another BNN's posterior: run SVI by hand inside "
-                         "`with pyro.get_param_store().scope():` (as bm.train does), or pyro.clear_param_store()")
-
-
-def check_num_samples(num_samples):
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-
-
-def to_images(x):
-    """Check and convert images to the network's input: (B, 784) float32 in [0, 1].
-
-    Accepts (B, 784), (B, 28, 28) or (B, 1, 28, 28), as a tensor or NumPy array. Floats
-    must lie in [0, 1]; uint8 images (0-255) are divided by 255. Anything else (other
-    shapes or dtypes, NaN, values out of range, an empty batch) raises ValueError.
-    """
-    if not isinstance(x, torch.Tensor):
-        try:
-            x = torch.as_tensor(x)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"images must be a tensor or array, got {type(x).__name__}: {e}") from None
-    if x.dim() == 1 and x.shape[0] == 784 or x.dim() == 2 and tuple(x.shape) == (28, 28):
-        raise ValueError(f"got one image of shape {tuple(x.shape)}: pass a batch, e.g. x[None]")
-    if not (x.dim() == 2 and x.shape[1] == 784 or x.dim() == 3 and x.shape[1:] == (28, 28)
-            or x.dim() == 4 and x.shape[1:] == (1, 28, 28)):
-        raise ValueError(f"images must have shape (B, 784), (B, 28, 28) or (B, 1, 28, 28), got {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError("empty batch: no images to predict")
-    if x.dtype == torch.uint8:
-        return x.reshape(x.shape[0], 784).float() / 255
-    if not x.is_floating_point():
-        raise ValueError(f"images must be float in [0, 1] or uint8 in 0-255, got dtype {x.dtype}")
-    x = x.float()
-    if torch.isnan(x).any():
-        raise ValueError("images contain NaN pixels")
-    if x.min() < 0 or x.max() > 1:
-        raise ValueError(f"pixel values must lie in [0, 1], got [{x.min().item():.4g}, {x.max().item():.4g}]: "
-                         f"divide 0-255 images by 255 (or pass them as uint8)")
-    return x.reshape(x.shape[0], 784)
-
-
-def check_plot_inputs(x, probs):
-    """plot's inputs as one image (784,) in [0, 1] and probabilities (S, 10), on the CPU."""
-    x = torch.as_tensor(x).detach().cpu()
-    if x.numel() != 784:
-        raise ValueError(f"plot takes one 28x28 image, got shape {tuple(x.shape)}")
-    probs = torch.as_tensor(probs, dtype=torch.float).detach().cpu()
-    probs = probs[None] if probs.dim() == 1 else probs
-    if probs.dim() != 2 or probs.shape[1] != CLASSES:
-        raise ValueError(f"probs must have shape (S, 10) or (10,), got {tuple(probs.shape)}")
-    return to_images(x.reshape(1, 784))[0], probs
-
-
-# -----------------------------------------------------------------------------
-# Data files: torchvision reads MNIST but does not say which file is missing or damaged;
-# these name it. Also Fashion-MNIST and image folders (out-of-distribution sets).
-
-IDX_FILES = {  # split -> (images, labels), torchvision's names
-    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
-
-
-def open_torchvision(dataset, data_dir, train):
-    """torchvision.datasets.<dataset>(data_dir, train, download=True), checked; errors name the file."""
-    import torchvision
-
-    raw = Path(data_dir) / dataset / "raw"
-    missing = [n for pair in IDX_FILES.values() for n in pair if not (raw / n).exists()]
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints its download attempts
-            ds = getattr(torchvision.datasets, dataset)(str(data_dir), train=train, download=True)
-    except Exception as e:  # no network, a proxy, a damaged file: one line, no traceback
-        if not missing:
-            for name in IDX_FILES[train]:
-                read_idx(raw / name)  # raises DataError naming the damaged file
-            raise DataError(f"cannot read {dataset} in {raw}: {e}") from None
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        reason = lines[-1].strip("<> ") if lines else type(e).__name__
-        raise DownloadFailed(f"no {dataset} file {missing[0]} in {raw} and the download failed ({reason}); put "
-                             f"the four *-ubyte files there, or point --data-dir at a folder holding {dataset}/raw/ "
-                             f"(see docs/usage.md)", reason) from None
-    check_pair(ds.data, ds.targets, *(raw / n for n in IDX_FILES[train]))
-    return ds
-
-
-def check_pair(images, labels, img_path, lbl_path):
-    """The checks torchvision lacks: 28x28 images, as many labels as images, labels 0-9."""
-    if images.dim() != 3 or images.shape[1:] != (28, 28):
-        raise DataError(f"{img_path} holds images of shape {tuple(images.shape[1:])}, not 28x28")
-    if len(images) != len(labels):
-        raise DataError(f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels")
-    if len(labels) and (labels.max() >= CLASSES or labels.min() < 0):
-        raise DataError(f"{lbl_path} has a label {int(labels.max())}, outside 0-9")
 
 
 def read_idx(path):
@@ -1256,17 +1169,17 @@ def read_idx(path):
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
+        raise Error(f"cannot read {path}: {e}") from None
     if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] not in (1, 3):
-        raise DataError(f"{path} is not an MNIST IDX file of unsigned bytes (wrong magic number)")
+        raise Error(f"{path} is not an MNIST IDX file of unsigned bytes (wrong magic number)")
     ndim = raw[3]
     if len(raw) < 4 + 4 * ndim:
-        raise DataError(f"{path} is truncated (header cut short)")
+        raise Error(f"{path} is truncated (header cut short)")
     shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = 4 + 4 * ndim + math.prod(shape)
     if len(raw) != expected:
         kind = "truncated" if len(raw) < expected else "longer than its header says"
-        raise DataError(f"{path} is {kind}: {len(raw)} bytes, header promises {expected}")
+        raise Error(f"{path} is {kind}: {len(raw)} bytes, header promises {expected}")
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=4 + 4 * ndim).view(*shape)
 
 
@@ -1285,19 +1198,19 @@ def load_fashion(data_dir, fashion_dir=None):
     """
     folders = [fashion_dir] if fashion_dir else [Path(data_dir) / "FashionMNIST" / "raw", FASHION_SYSTEM_DIR]
     for folder in folders:
-        img, lbl = (_find(folder, n) for n in IDX_FILES[False])
+        img, lbl = (_find(folder, n) for n in MNIST_FILES[False])
         if img and lbl:
             images, labels = read_idx(img), read_idx(lbl)
-            check_pair(images, labels, img, lbl)
+            check_labelled(images, labels, img, lbl)
             return images.reshape(len(images), 784).float().div_(255)
     where = " or ".join(map(str, folders))
     if fashion_dir:
-        raise MissingFile(f"Fashion-MNIST test files not found in {where} (--fashion-dir)")
+        raise Error(f"Fashion-MNIST test files not found in {where} (--fashion-dir)")
     try:
         return load_mnist(data_dir, train=False, dataset="FashionMNIST")[0]
-    except DownloadFailed as e:
-        raise MissingFile(f"Fashion-MNIST test files not found in {where} and the download failed "
-                                f"({e.reason}); apt-get install dataset-fashion-mnist, or --fashion-dir") from None
+    except Error as e:
+        raise Error(f"Fashion-MNIST test files not found in {where} and the download failed "
+                    f"({e}); apt-get install dataset-fashion-mnist, or --fashion-dir") from None
 
 
 NOTMNIST_URL = "https://github.com/paraschopra/bayesian-neural-network-mnist/archive/refs/heads/master.zip"
@@ -1312,7 +1225,11 @@ def load_notmnist(data_dir, notmnist_dir=None):
 
 
 def fetch_notmnist(folder, url=None):
-    """Download the article's repository (MIT licence) and keep its not-mnist/<letter>/*.png in folder."""
+    """Download the article's repository (MIT licence) and keep its not-mnist/<letter>/*.png in folder.
+
+    By hand rather than torchvision.datasets.utils.download_and_extract_archive, which would
+    unpack the whole repository, whatever paths its archive names, to keep 459 small files.
+    """
     import urllib.request
     import zipfile
 
@@ -1321,8 +1238,8 @@ def fetch_notmnist(folder, url=None):
         with urllib.request.urlopen(url, timeout=60) as response:
             archive = zipfile.ZipFile(io.BytesIO(response.read()))
     except (OSError, zipfile.BadZipFile) as e:
-        raise DownloadFailed(f"no notMNIST-459 in {folder} and the download from {url} failed ({e}); "
-                             f"--notmnist-dir points at a copy", str(e)) from None
+        raise Error(f"no notMNIST-459 in {folder} and the download from {url} failed ({e}); "
+                    f"--notmnist-dir points at a copy") from None
     part = folder.with_name(folder.name + ".part")  # renamed into place when complete
     count = 0
     for member in archive.namelist():
@@ -1332,7 +1249,7 @@ def fetch_notmnist(folder, url=None):
             (part / parts[2] / Path(parts[3]).name).write_bytes(archive.read(member))
             count += 1
     if not count:
-        raise DataError(f"the archive at {url} holds no not-mnist/<letter>/*.png images")
+        raise Error(f"the archive at {url} holds no not-mnist/<letter>/*.png images")
     os.replace(part, folder)
 
 
@@ -1342,7 +1259,7 @@ def load_image_folder(folder):
 
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not paths:
-        raise DataError(f"no PNG or JPEG images under {folder}")
+        raise Error(f"no PNG or JPEG images under {folder}")
     images = []
     for p in paths:
         try:
@@ -1352,7 +1269,7 @@ def load_image_folder(folder):
                     im = im.resize((28, 28), Image.BILINEAR)
                 images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8))
         except OSError as e:
-            raise DataError(f"cannot read image {p}: {e}") from None
+            raise Error(f"cannot read image {p}: {e}") from None
     return torch.stack(images).float().div_(255)
 
 
@@ -1407,7 +1324,7 @@ class TrainingRun:
     def after_step(self, state, loss):
         s = state
         if not math.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss} at epoch {s['epoch'] + 1} step {s['step']}; "
+            raise Error(f"loss became {loss} at epoch {s['epoch'] + 1} step {s['step']}; "
                                    f"lower --lr (last good checkpoint kept)")
         self.bar.update(1)
         if self.progress and s["step"] % 20 == 0:
@@ -1446,7 +1363,7 @@ class TrainingRun:
 
 def check_finite(net, when):
     if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
-        raise TrainingDiverged(f"a parameter became non-finite ({when})")
+        raise Error(f"a parameter became non-finite ({when})")
 
 
 class SignalFlag:
@@ -1468,6 +1385,16 @@ class SignalFlag:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+class Plumbing:
+    """The one hook from the article's steps (Parts I and II) into this part: each call site says
+    `Plumbing.<name>`, so a reader of the article sees where it leaves the article."""
+
+    data_files = staticmethod(data_files)  # load_mnist: errors that name the file
+    check_labelled = staticmethod(check_labelled)  # load_mnist: what torchvision does not check
+    to_images = staticmethod(to_images)  # every function that takes images: the input checks
+    TrainingRun = TrainingRun  # train: progress bar, NaN checks, checkpoints, resuming, signals
 
 
 def keep_freed_memory():
@@ -1504,57 +1431,22 @@ def peak_rss_mib():
 # -----------------------------------------------------------------------------
 # Saving and loading. Files hold tensors and plain settings only and are read with
 # torch.load(weights_only=True): opening a shared file runs no code. Every write is
-# atomic: a temporary file in the same folder, flushed and fsynced, then renamed.
+# atomic (atomic_write, Part I).
 
 CHECKPOINT_FORMAT = "bnn_mnist-checkpoint-2"
 GUIDE_FORMAT = "bnn_mnist-guide-2"
 
 
-def atomic_save(obj, path, write=None):
-    """Write obj (torch.save, or write(obj, file)) to path so that path is never half-written."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            (write or torch.save)(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise SaveError(f"could not save {path}: {e.strerror or e} (the previous file is kept)") from None
-        raise
-    _fsync_dir(path.parent)
-
-
-def _umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder):
-    """Make the rename durable. Windows cannot open a folder; there the rename is all we get."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def atomic_save(obj, path):
+    """torch.save(obj) to path, whole or not at all (atomic_write, Part I)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def net_settings(net, prior_scale):
     """What is needed to rebuild the BNN: stored next to its parameters."""
     input_size, hidden_size, output_size = net.sizes
     return {"input_size": input_size, "hidden_size": hidden_size, "output_size": output_size,
-            "prior_scale": prior_scale, "prior": net.prior}
+            "prior_scale": prior_scale}
 
 
 def save_checkpoint(path, settings, net, optim, state):
@@ -1570,7 +1462,7 @@ def save_guide(path, net, prior_scale=None, rule=None):
     prior_scale and rule default to the net's own (net.prior_scale, net.rule).
     """
     prior_scale = net.prior_scale if prior_scale is None else prior_scale
-    rule = getattr(net, "rule", None) if rule is None else rule
+    rule = net.rule if rule is None else rule
     settings = net_settings(net, prior_scale) | {"rule": rule}
     atomic_save({"format": GUIDE_FORMAT, "settings": settings, "net": net.state_dict()}, path)
 
@@ -1579,13 +1471,13 @@ def _load(path, expected_format, device):
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
-        raise MissingFile(f"no such file: {path}") from None
+        raise Error(f"no such file: {path}") from None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadFile(f"{path} is not a readable bnn_mnist file ({type(e).__name__}: {first})") from None
+        raise Error(f"{path} is not a readable bnn_mnist file ({type(e).__name__}: {first})") from None
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise BadFile(f"{path} has format {found!r}, expected {expected_format!r}")
+        raise Error(f"{path} has format {found!r}, expected {expected_format!r}")
     return obj
 
 
@@ -1601,8 +1493,9 @@ def load_guide(path, device="cpu"):
     """A BNN rebuilt from a saved guide, holding its posterior (and its refusal rule, net.rule)."""
     obj = _load(path, GUIDE_FORMAT, device)
     s = obj["settings"]
-    net = BNN(s["input_size"], s["hidden_size"], s["output_size"], prior_scale=s["prior_scale"],
-              prior=s.get("prior", "normal")).to(device)
+    if s.get("prior", "normal") != "normal":  # an experiment that lost its selection, no longer here
+        raise Error(f"{path} was trained with the {s['prior']!r} prior, which this version does not have")
+    net = BNN(s["input_size"], s["hidden_size"], s["output_size"], prior_scale=s["prior_scale"]).to(device)
     load_net_state(net, obj["net"], path)
     net.rule = s.get("rule")
     return net
@@ -1619,17 +1512,17 @@ def check_net_state(net, state_dict, source):
     for name, p in own.items():
         saved = state_dict.get(name)
         if saved is None:
-            raise BadFile(f"{source} has no parameter {name}")
+            raise Error(f"{source} has no parameter {name}")
         if saved.shape != p.shape:
-            raise BadFile(f"{source} holds {name} of shape {tuple(saved.shape)}, but this BNN needs "
+            raise Error(f"{source} holds {name} of shape {tuple(saved.shape)}, but this BNN needs "
                           f"{tuple(p.shape)} (a different --hidden-size?)")
     extra = set(state_dict) - set(own)
     if extra:
-        raise BadFile(f"{source} holds parameters this BNN does not have: {', '.join(sorted(extra))}")
+        raise Error(f"{source} holds parameters this BNN does not have: {', '.join(sorted(extra))}")
 
 
 def write_json(obj, path):
-    atomic_save(obj, path, write=lambda o, f: f.write(json.dumps(o, indent=2).encode() + b"\n"))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
 
 
 # -----------------------------------------------------------------------------
@@ -1674,7 +1567,16 @@ def build_parser():
     p.add_argument("--article", action="store_true",
                    help=f"the article's recipe as written: {recipe} (flags given beside it win; --kl-weight W then "
                         "counts the KL once per data set, weighted by W)")
-    g = p.add_argument_group("model and training")
+    _training_flags(p.add_argument_group("model and training"), d, pos_int, pos_float)
+    _uncertainty_flags(p.add_argument_group("prediction and uncertainty"), d, pos_int)
+    g = p.add_argument_group("smoke runs")
+    g.add_argument("--max-batches", type=pos_int, default=d.max_batches, help="cap on minibatches per epoch (default: all)")
+    g.add_argument("--train-subset", type=pos_int, default=d.train_subset, help="train on the first N images (default: all)")
+    g.add_argument("--no-plots", action="store_true", help="write no figures")
+    return p
+
+
+def _training_flags(g, d, pos_int, pos_float):
     g.add_argument("--epochs", type=pos_int, default=d.epochs, help="passes over the training set")
     g.add_argument("--batch-size", type=pos_int, default=d.batch_size, help="minibatch size")
     g.add_argument("--lr", type=pos_float, default=d.lr, help="Adam's initial learning rate")
@@ -1684,9 +1586,6 @@ def build_parser():
                    help="the guide's scales (rho) use this multiple of the learning rate")
     g.add_argument("--hidden-size", type=pos_int, default=d.hidden_size, help="hidden units")
     g.add_argument("--prior-scale", type=pos_float, default=d.prior_scale, help="std of the Normal(0, s) prior")
-    g.add_argument("--prior", choices=PRIORS, default=d.prior,
-                   help="normal: N(0, s) on every weight (the article); fanin: N(0, s / sqrt(fan_in)) on the "
-                        "weight matrices, N(0, s) on the biases")
     g.add_argument("--kl-weight", type=pos_float, default=d.kl_weight,
                    help="weight of the KL term in the ELBO (1: the article's; below 1: a tempered posterior)")
     g.add_argument("--kl-per-batch", action=argparse.BooleanOptionalAction, default=d.kl_per_batch,
@@ -1703,7 +1602,9 @@ def build_parser():
     g.add_argument("--seed", type=int, default=d.seed, help="random seed")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="auto: cuda if available")
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
-    g = p.add_argument_group("prediction and uncertainty")
+
+
+def _uncertainty_flags(g, d, pos_int):
     g.add_argument("--num-samples", type=pos_int, default=d.num_samples,
                    help="posterior samples for the forced prediction (test accuracy)")
     g.add_argument("--average", choices=("probs", "logits"), default=d.average,
@@ -1738,11 +1639,6 @@ def build_parser():
     g.add_argument("--selective-measure", choices=MEASURES, default=d.selective_measure,
                    help="measure that ranks the test digits for selective prediction (accuracy on the 95%% "
                         "most certain, AURC)")
-    g = p.add_argument_group("smoke runs")
-    g.add_argument("--max-batches", type=pos_int, default=d.max_batches, help="cap on minibatches per epoch (default: all)")
-    g.add_argument("--train-subset", type=pos_int, default=d.train_subset, help="train on the first N images (default: all)")
-    g.add_argument("--no-plots", action="store_true", help="write no figures")
-    return p
 
 
 TRAIN_ARGS = ("epochs", "batch_size", "lr", "lr_decay", "scale_lr_factor", "prior_scale", "kl_weight", "elbo",
@@ -1805,9 +1701,14 @@ def apply_article(args, given):
 
 
 # =============================================================================
-# Part V. Your own images: prepared as MNIST's digits were, answered with the posterior's
+# Part VI. Your own images: prepared as MNIST's digits were, answered with the posterior's
 # spread (`python bnn_mnist.py predict FILE ...`), and a page to draw on (`... serve`).
 # =============================================================================
+
+
+class ImageError(Error):
+    """A picture that cannot be answered (not an image, empty, without ink): predict_files and
+    the page report it for that picture and go on with the others."""
 
 
 def prepare_image(image):
@@ -1913,7 +1814,7 @@ def answer(x, net, num_samples=DEFAULTS.unc_samples, generator=None):
     "samples": (S, 10) class probabilities of the posterior samples, "mean": (10,), "answer":
     the class or None for "I don't know", and the rule's scores against its thresholds.
     """
-    rule = getattr(net, "rule", None)
+    rule = net.rule
     if not rule:
         raise ValueError("this net has no refusal rule: load a guide saved by a run (out/guide.pt)")
     probs = sample_probs_local(x.reshape(1, 784), net, num_samples, generator)  # (S, 1, 10)
@@ -2066,7 +1967,7 @@ def make_server(net, host="127.0.0.1", port=8000, num_samples=DEFAULTS.unc_sampl
 
 
 # =============================================================================
-# Part VI. The whole run, from the command line or `main([...])` in a notebook.
+# Part VII. The whole run, from the command line or `main([...])` in a notebook.
 # =============================================================================
 
 OUTPUTS = ("metrics.json", "guide.pt", "checkpoint.pt", "prediction.png", "reliability.png",
@@ -2084,10 +1985,10 @@ def prepare_out_dir(out_dir):
         probe.write_bytes(b"")
         probe.unlink()
         for name in OUTPUTS:
-            for leftover in out.glob(f"{name}.*.tmp"):  # atomic_save's temporary files
+            for leftover in out.glob(f"{name}.*.tmp"):  # atomic_write's temporary files
                 leftover.unlink()
     except OSError as e:
-        raise SaveError(f"cannot write to --out-dir {out}: {e.strerror or e}") from None
+        raise Error(f"cannot write to --out-dir {out}: {e.strerror or e}") from None
     return out
 
 
@@ -2113,16 +2014,16 @@ def resume_state_for(cfg, net, settings, ckpt_path, device):
                   f"(--resume continues it instead)")
         return None
     if not ckpt_path.exists():
-        raise MissingFile(f"--resume: no checkpoint at {ckpt_path}")
+        raise Error(f"--resume: no checkpoint at {ckpt_path}")
     state = load_checkpoint(ckpt_path, device)
     check_net_state(net, state["net"], ckpt_path)
     changed = {k: (state["settings"].get(k), v) for k, v in settings.items()
                if k != "epochs" and state["settings"].get(k) != v}
     if changed:
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-        raise SettingsError(f"--resume: {ckpt_path} was made with other settings ({what})")
+        raise Error(f"--resume: {ckpt_path} was made with other settings ({what})")
     if state["epoch"] > cfg.epochs:
-        raise SettingsError(f"--resume: {ckpt_path} has already trained {state['epoch']} epochs; "
+        raise Error(f"--resume: {ckpt_path} has already trained {state['epoch']} epochs; "
                          f"--epochs {cfg.epochs} cannot undo that")
     print(f"resuming from {ckpt_path}: epoch {state['epoch']}, step {state['step']}")
     return state
@@ -2137,7 +2038,7 @@ def run(cfg):
     print(f"data: {len(x_train)} training, {len(x_val)} held-out, {len(x_test)} test images from "
           f"{cfg.data_dir}; device {device}")
 
-    net = BNN(784, cfg.hidden_size, CLASSES, cfg.init_scale, cfg.prior_scale, cfg.prior, cfg.init).to(device)
+    net = BNN(784, cfg.hidden_size, CLASSES, cfg.init_scale, cfg.prior_scale, cfg.init).to(device)
     settings = net_settings(net, cfg.prior_scale) | {k: getattr(cfg, k) for k in TRAINING_SETTINGS}
     settings["device"] = device.type  # the RNG streams differ: resume on the same kind of device
     ckpt_path = out / "checkpoint.pt"
@@ -2207,7 +2108,7 @@ def load_ood_sets(cfg, report):
             elif name == "noise":
                 g = torch.Generator().manual_seed(cfg.seed + 1)
                 ood["noise"] = torch.rand(cfg.noise_count, 784, generator=g)
-        except (MissingFile, DataError) as e:
+        except Error as e:
             report["ood_skipped"][name] = str(e)
             print(f"warning: skipping OOD set {name}: {e}", file=sys.stderr)
     return ood
@@ -2292,10 +2193,10 @@ def uncertainty_figures(cfg, x_test, y_test, probs, scores, refused, correct, oo
 def load_trained(path):
     """load_guide, with what to run first when there is nothing there yet."""
     if not Path(path).exists():
-        raise MissingFile(f"no trained posterior at {path}: train one first (python bnn_mnist.py), or --guide PATH")
+        raise Error(f"no trained posterior at {path}: train one first (python bnn_mnist.py), or --guide PATH")
     net = load_guide(path)
     if not net.rule:
-        raise BadFile(f"{path} has no refusal rule: save one from a run, or bm.save_guide(path, net, "
+        raise Error(f"{path} has no refusal rule: save one from a run, or bm.save_guide(path, net, "
                       f"rule=bm.refusal_rule(x_val, net)) with held-out images")
     return net
 
@@ -2338,7 +2239,7 @@ def command_serve(argv):
     try:
         httpd = make_server(net, args.host, args.port, args.unc_samples)
     except OSError as e:
-        raise SaveError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+        raise Error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = httpd.server_address[:2]
     print(f"serving the page on http://{host}:{port}/  (Ctrl-C stops)", flush=True)
     try:
@@ -2388,3 +2289,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+

@@ -1,7 +1,7 @@
 """bnn_mnist against its peers and a model-free control, on the same images and metric code.
 
     python -m pip install -r benchmarks/requirements.txt     # laplace-torch, for the Laplace row
-    python benchmarks/baselines.py --data-dir ../shared/data --seeds 0 1 2   # the README's table (~10 min a seed)
+    python benchmarks/baselines.py --data-dir DIR --seeds 0 1 2   # the README's table (~10 min a seed)
     python benchmarks/baselines.py --show out/baselines/baselines.json       # print it again
     python benchmarks/baselines.py --data-dir DIR --seeds 0 1 2 --methods bnn \
         --merge-into docs/results/baselines.json                              # bnn_mnist's column only, again

@@ -16,7 +16,7 @@ Times, side by side in one process and on the same data:
     python benchmarks/bench.py                      # CPU, a few hundred steps
     python benchmarks/bench.py --full-epoch         # one whole epoch (469 steps) each
     python benchmarks/bench.py --device cuda        # on a GPU
-    python benchmarks/bench.py --data-dir ../shared/data   # real MNIST instead of random pixels
+    python benchmarks/bench.py --data-dir DIR   # real MNIST instead of random pixels
     python benchmarks/bench.py --jit                # and Pyro's JitTrace_ELBO
 
 Speed does not depend on the pixel values, so by default the data are random images of

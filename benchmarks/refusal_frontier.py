@@ -6,8 +6,8 @@ possible thresholds would give at exactly 5% refused: each measure alone, and th
 pair of mutual-information and expected-entropy thresholds on a grid. Nothing in the
 defaults is chosen from its test rows; they only say why a target is missed.
 
-    python bnn_mnist.py --data-dir ../shared/data --out-dir out
-    python benchmarks/refusal_frontier.py --guide out/guide.pt --data-dir ../shared/data
+    python bnn_mnist.py --data-dir DIR --out-dir out
+    python benchmarks/refusal_frontier.py --guide out/guide.pt --data-dir DIR
 """
 
 import argparse
@@ -68,7 +68,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     net = bm.load_guide(args.guide)
     if not getattr(net, "rule", None):
-        raise bm.SettingsError(f"{args.guide} holds no refusal rule (was it trained with --val-size 0?)")
+        raise bm.Error(f"{args.guide} holds no refusal rule (was it trained with --val-size 0?)")
     cfg = bm.Config(data_dir=args.data_dir, val_size=args.val_size)
     _, _, x_val, y_val, x_test, y_test = bm.split_data(cfg, "cpu")
     report("held-out training digits", x_val, y_val, net, args.unc_samples, args.budget)

@@ -1,6 +1,9 @@
 """Does a KL warm-up rescue the article's (untempered) ELBO in 5 epochs? A probe, not a feature.
 
-    python benchmarks/warmup_probe.py --data-dir ../shared/data --prior fanin --kl-weight 1 --warmup-epochs 3
+    python benchmarks/warmup_probe.py --data-dir DIR --kl-weight 1 --warmup-epochs 3
+
+(Its fan-in prior rows in docs/contributing/sweeps/warmup.jsonl came from commit 605e10c, which still had
+`--prior fanin`; that prior lost its selection and is gone.)
 
 Trains like `bnn_mnist.train` (the same split, optimiser, per-step decay and estimator), except
 that the KL weight rises linearly from 0 to --kl-weight over the first --warmup-epochs epochs
@@ -47,7 +50,6 @@ def train_with_warmup(net, x, y, cfg, warmup_epochs):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=bm.DEFAULTS.data_dir)
-    p.add_argument("--prior", choices=bm.PRIORS, default="fanin")
     p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--elbo", choices=bm.ELBOS, default="local")
     p.add_argument("--warmup-epochs", type=float, default=3.0)
@@ -56,11 +58,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shift-size", type=int, default=1500, help="held-out digits per constructed set (as sweep.py)")
     args = p.parse_args(argv)
-    cfg = dataclasses.replace(bm.DEFAULTS, data_dir=args.data_dir, prior=args.prior, kl_weight=args.kl_weight,
+    cfg = dataclasses.replace(bm.DEFAULTS, data_dir=args.data_dir, kl_weight=args.kl_weight,
                               elbo=args.elbo, lr=args.lr, lr_decay=args.lr_decay, seed=args.seed)
     pyro.set_rng_seed(cfg.seed)
     x, y, x_val, y_val, _, _ = bm.split_data(cfg, torch.device("cpu"))
-    net = bm.BNN(784, cfg.hidden_size, bm.CLASSES, cfg.init_scale, cfg.prior_scale, cfg.prior)
+    net = bm.BNN(784, cfg.hidden_size, bm.CLASSES, cfg.init_scale, cfg.prior_scale)
     t0 = time.perf_counter()
     train_with_warmup(net, x, y, cfg, args.warmup_epochs)
     seconds = time.perf_counter() - t0

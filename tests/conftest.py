@@ -52,7 +52,7 @@ def make_mnist_dir(root, n_train=600, n_test=200, dataset="MNIST"):
     raw.mkdir(parents=True, exist_ok=True)
     for train, n, seed in ((True, n_train, 0), (False, n_test, 1)):
         images, labels = synthetic_digits(n, seed)
-        img_name, lbl_name = bm.IDX_FILES[train]
+        img_name, lbl_name = bm.MNIST_FILES[train]
         write_idx(raw / img_name, images)
         write_idx(raw / lbl_name, labels)
     return Path(root)

@@ -202,7 +202,7 @@ MUTANTS = [
      'return {a: probs[digits][:, pick] if a == 0 else',
      'return {a: probs[digits][:, : len(pick)] if a == 0 else'),
     # An unseen set: 25 one-line bugs written by a reviewer who read only bnn_mnist.py and the
-    # README, after the tests were written (docs/testing.md reports its score).
+    # README, after the tests were written (docs/contributing/testing.md reports its score).
     ('unseen data checks', 'label 10 accepted: >= CLASSES flipped to > CLASSES',
      'labels.max() >= CLASSES',
      'labels.max() > CLASSES'),

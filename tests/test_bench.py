@@ -112,7 +112,7 @@ def test_refusal_frontier_refuses_the_most_uncertain_and_reports_both_splits(dat
         rf.main(["--guide", str(tmp_path / "guide.pt"), "--budget", "1"])
     assert "--budget: must be in (0, 1), got 1.0" in capsys.readouterr().err
     bm.save_guide(tmp_path / "norule.pt", net)
-    with pytest.raises(bm.SettingsError, match="norule.pt holds no refusal rule"):
+    with pytest.raises(bm.Error, match="norule.pt holds no refusal rule"):
         rf.main(["--guide", str(tmp_path / "norule.pt"), "--data-dir", str(data_dir)])
 
 
@@ -282,7 +282,7 @@ def test_the_warmup_probe_without_warmup_trains_exactly_as_train(small_data):
 
 
 def test_a_later_grid_field_overrides_an_earlier_one():
-    """docs/choosing-defaults.md reruns old sweeps as `--grid $OLD lr=0.002,0.005`, OLD holding lr=0.003."""
+    """docs/contributing/choosing-defaults.md reruns old sweeps as `--grid $OLD lr=0.002,0.005`, OLD holding lr=0.003."""
     import sweep
 
     assert sweep.parse_grid(["lr=0.003", "kl_weight=0.003", "lr=0.002,0.005"]) == [
@@ -290,15 +290,15 @@ def test_a_later_grid_field_overrides_an_earlier_one():
 
 
 def test_every_table_in_choosing_defaults_prints_again_from_its_committed_sweep(capsys):
-    """The rule for evidence: each sweep table in docs/choosing-defaults.md is what the `--show`
-    command before it prints from the committed docs/sweeps/*.jsonl (the control row, which needs
+    """The rule for evidence: each sweep table in docs/contributing/choosing-defaults.md is what the `--show`
+    command before it prints from the committed docs/contributing/sweeps/*.jsonl (the control row, which needs
     MNIST, aside). A table edited by hand, or a run appended without updating the doc, fails here."""
     import itertools
     import re
 
     import sweep
 
-    lines = (ROOT / "docs/choosing-defaults.md").read_text().splitlines()
+    lines = (ROOT / "docs/contributing/choosing-defaults.md").read_text().splitlines()
     command, checked = None, 0
     for i, line in enumerate(lines):
         m = re.search(r"sweep\.py --show (.*?) --data-dir", line)

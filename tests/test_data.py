@@ -35,28 +35,28 @@ def test_wrong_magic_names_the_file(fresh_data_dir):
     raw = bytearray(path.read_bytes())
     raw[2] = 0x0D  # float32 data type instead of unsigned byte
     path.write_bytes(bytes(raw))
-    with pytest.raises(bm.DataError, match="train-images-idx3-ubyte.*wrong magic"):
+    with pytest.raises(bm.Error, match="train-images-idx3-ubyte is not an MNIST IDX file: damaged"):
         bm.load_mnist(fresh_data_dir, train=True)
 
 
 def test_truncated_file_names_the_file(fresh_data_dir):
     path = fresh_data_dir / "MNIST/raw/t10k-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(bm.DataError, match="t10k-images-idx3-ubyte is truncated"):
+    with pytest.raises(bm.Error, match="t10k-images-idx3-ubyte is not an MNIST IDX file: damaged or truncated"):
         bm.load_mnist(fresh_data_dir, train=False)
 
 
 def test_mismatched_counts_name_both_files(fresh_data_dir):
     _, labels = synthetic_digits(150, 3)
     write_idx(fresh_data_dir / "MNIST/raw/t10k-labels-idx1-ubyte", labels)
-    with pytest.raises(bm.DataError, match="200 images but .*t10k-labels-idx1-ubyte has 150 labels"):
+    with pytest.raises(bm.Error, match="200 images but .*t10k-labels-idx1-ubyte has 150 labels"):
         bm.load_mnist(fresh_data_dir, train=False)
 
 
 @pytest.mark.parametrize("label", [10, 11])  # 10: the first label past 0-9
 def test_label_out_of_range(fresh_data_dir, label):
     write_idx(fresh_data_dir / "MNIST/raw/t10k-labels-idx1-ubyte", np.full(200, label))
-    with pytest.raises(bm.DataError, match=f"label {label}"):
+    with pytest.raises(bm.Error, match=f"label {label}"):
         bm.load_mnist(fresh_data_dir, train=False)
 
 
@@ -67,10 +67,10 @@ def test_image_folder_and_fashion(tmp_path):
     Image.fromarray(np.full((56, 56), 255, np.uint8)).save(tmp_path / "letters" / "B" / "big.png")
     x = bm.load_image_folder(tmp_path / "letters")
     assert x.shape == (3, 784) and x[0].max() == 0 and x[1].min() == 1 and x[2].min() == 1
-    with pytest.raises(bm.DataError, match="no PNG"):
+    with pytest.raises(bm.Error, match="no PNG"):
         bm.load_image_folder(tmp_path / "letters" / "nothing")
 
     make_mnist_dir(tmp_path / "f", dataset="FashionMNIST")
     assert bm.load_fashion(tmp_path / "f").shape == (200, 784)
-    with pytest.raises(FileNotFoundError, match="Fashion-MNIST test files not found"):
+    with pytest.raises(bm.Error, match="Fashion-MNIST test files not found"):
         bm.load_fashion(tmp_path, fashion_dir=tmp_path / "missing")

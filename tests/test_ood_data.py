@@ -48,9 +48,9 @@ def fashion_mirror(tmp_path, monkeypatch, local_server):
     mirror = tmp_path / "mirror"
     for train, n in ((True, 30), (False, 40)):
         images, labels = synthetic_digits(n, seed=7)
-        for name, array in zip(bm.IDX_FILES[train], (images, labels)):
+        for name, array in zip(bm.MNIST_FILES[train], (images, labels)):
             write_idx(mirror / (name + ".gz"), array, compress=True)
-    resources = [(name + ".gz", None) for pair in bm.IDX_FILES.values() for name in pair]  # no md5 to check
+    resources = [(name + ".gz", None) for pair in bm.MNIST_FILES.values() for name in pair]  # no md5 to check
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", [local_server])
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "resources", resources)
     monkeypatch.setattr(bm, "FASHION_SYSTEM_DIR", str(tmp_path / "no-debian-package"))
@@ -70,7 +70,7 @@ def test_fashion_is_downloaded_once_into_the_data_dir(tmp_path, fashion_mirror):
 def test_fashion_offline_is_one_clear_error(tmp_path, fashion_mirror, monkeypatch):
     for f in fashion_mirror.iterdir():
         f.unlink()  # the server answers 404
-    with pytest.raises(FileNotFoundError, match="Fashion-MNIST test files not found in .* download failed"):
+    with pytest.raises(bm.Error, match="Fashion-MNIST test files not found in .* download failed"):
         bm.load_fashion(tmp_path / "data")
 
 
@@ -101,8 +101,8 @@ def test_notmnist_is_fetched_once_from_the_articles_repository(tmp_path, monkeyp
 
 def test_notmnist_offline_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(bm, "NOTMNIST_URL", (tmp_path / "gone.zip").as_uri())
-    with pytest.raises(bm.DataError, match="no notMNIST-459 in .* the download from .* failed"):
+    with pytest.raises(bm.Error, match="no notMNIST-459 in .* the download from .* failed"):
         bm.load_notmnist(tmp_path / "data")
     (tmp_path / "bad.zip").write_bytes(b"not a zip")
-    with pytest.raises(bm.DataError, match="download from .* failed"):
+    with pytest.raises(bm.Error, match="download from .* failed"):
         bm.fetch_notmnist(tmp_path / "letters", url=(tmp_path / "bad.zip").as_uri())

@@ -54,7 +54,8 @@ def net(tmp_path_factory):
     x_train, y_train, x_val, _ = bm.holdout_split(x, y, 5000 if REAL else 200)
     pyro.set_rng_seed(0)
     net = bm.BNN(784, 128, 10)
-    bm.train(net, x_train, y_train, epochs=2, elbo="local", x_val=x_val, progress=False, log=lambda *a: None)
+    bm.train(net, x_train, y_train, epochs=2, elbo="local", progress=False, log=lambda *a: None)
+    net.rule = bm.refusal_rule(x_val, net)
     return net
 
 

@@ -102,20 +102,16 @@ def test_sets_scored_in_one_pass_equal_one_call_on_their_concatenation():
     assert both["a"].shape == (5, 7, 10) and torch.equal(torch.cat([both["a"], both["b"]], 1), whole)
 
 
-def test_fanin_prior_scales_the_weight_matrices_only():
-    net = bm.BNN(784, 16, 10, prior_scale=2.0, prior="fanin")
-    trace = pyro.poutine.trace(bm.model).get_trace(torch.rand(2, 784), None, 10, net=net)
-    std = {n: float(trace.nodes[n]["fn"].base_dist.scale.max()) for n in net.loc}
-    assert std == pytest.approx({"fc1_weight": 2 / 28, "fc1_bias": 2.0, "out_weight": 2 / 4, "out_bias": 2.0})
-    with pytest.raises(ValueError, match="prior must be one of normal, fanin"):
-        bm.BNN(784, 16, 10, prior="wide")
-
-
-def test_fanin_prior_survives_save_and_load(tmp_path):
-    net = bm.BNN(784, 16, 10, prior="fanin")
+def test_a_guide_of_the_retired_fanin_prior_is_refused_in_one_line(tmp_path):
+    net = bm.BNN(784, 16, 10)
     net.trained.fill_(True)
     bm.save_guide(tmp_path / "g.pt", net)
-    assert bm.load_guide(tmp_path / "g.pt").prior == "fanin"
+    obj = torch.load(tmp_path / "g.pt", weights_only=True)
+    obj["settings"]["prior"] = "fanin"  # what an older version saved
+    torch.save(obj, tmp_path / "old.pt")
+    with pytest.raises(bm.Error, match="old.pt was trained with the 'fanin' prior, which this version does not have"):
+        bm.load_guide(tmp_path / "old.pt")
+    assert bm.load_guide(tmp_path / "g.pt").prior_scale == 1.0
 
 
 def test_shift_and_pixel_scale_figures(tmp_path):

@@ -33,7 +33,7 @@ def test_a_malicious_guide_runs_nothing(tmp_path):
         pickle.loads(pickle.dumps(Evil(tmp_path / f"control-{name}")))  # the trap is real: unpickling runs it
         assert (tmp_path / f"control-{name}").exists()
         loader = bm.load_guide if name == "guide.pt" else bm.load_checkpoint
-        with pytest.raises(bm.BadFile, match=f"{name} is not a readable bnn_mnist file"):
+        with pytest.raises(bm.Error, match=f"{name} is not a readable bnn_mnist file"):
             loader(tmp_path / name)
         assert not marker.exists()
 

@@ -7,7 +7,7 @@
 #   python -m pip download --no-deps --only-binary=:all: -d .whl pyro-ppl pyro-api
 #   mkdir -p .gpu_data && cp -r DIR/MNIST .gpu_data/        # DIR: your MNIST folder
 #
-# then, on the GPU machine, from the repository root: bash benchmarks/gpu_check.sh
+# then, on the GPU machine, from the repository root: bash docs/contributing/gpu_check.sh
 # It prints (and leaves under $OUT, by default gpu_out/) the card, the benchmark and the run.
 set -euo pipefail
 if ! python3 -c "import pyro" 2>/dev/null; then
