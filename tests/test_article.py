@@ -135,8 +135,18 @@ def test_predict_or_abstain_uses_a_saved_article_rule(tmp_path):
     answer = bm.predict_or_abstain(x, loaded)
     pyro.set_rng_seed(0)
     probs = bm.sample_probs_local(x, loaded, 100)
-    expected = torch.where(bm.max_median_prob(probs) <= 0.2, -1, probs.mean(0).argmax(-1))
+    expected = torch.where(bm.max_median_prob(probs) <= 0.2, -1, bm.median_probs(probs).argmax(-1))
     assert torch.equal(answer, expected) and 0 < (answer == -1).sum() < 50
+
+
+def test_under_the_article_rule_the_answer_is_the_highest_median_not_the_highest_mean(monkeypatch):
+    """The sequel answers with the class of the highest median: one sure sample cannot outvote two."""
+    probs = torch.zeros(3, 1, 10)
+    probs[:, 0, :2] = torch.tensor([[0.95, 0.05], [0.3, 0.7], [0.3, 0.7]])  # mean: class 0; median: class 1
+    monkeypatch.setattr(bm, "sample_probs_local", lambda x, net, num_samples: probs)
+    net = bm.BNN(784, H, 10)
+    assert bm.predict_or_abstain(torch.rand(1, 784), net, bm.article_rule()).tolist() == [1]
+    assert bm.predict_or_abstain(torch.rand(1, 784), net, {"mutual_information": 9.0}).tolist() == [0]
 
 
 def test_article_flag_sets_the_recipe_and_flags_beside_it_win():
