@@ -78,7 +78,7 @@ def test_train_sets_the_prior_it_was_given_and_keeps_it_otherwise(small_data):
     assert net.prior_scale == 2.0
 
 
-def test_holdout_split_and_train_with_x_val_give_a_rule_without_a_config(small_data):
+def test_holdout_split_and_refusal_rule_give_a_rule_without_a_config(small_data):
     x, y, xt, _ = small_data
     x_tr, y_tr, x_val, y_val = bm.holdout_split(x, y, 100)
     assert (len(x_tr), len(x_val)) == (len(x) - 100, 100)
