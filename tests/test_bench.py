@@ -327,11 +327,15 @@ def doc_table(path, first_cells):
 
 
 def test_the_readme_article_table_is_what_its_command_prints(capsys):
-    """The README's "article beside the default" table is `article_table.py --show`'s printout of the
-    committed metrics, and the how-it-works departures table is `--departures`' of the code's settings."""
+    """how-it-works' "what each departure buys" table is `article_table.py --show`'s printout of the
+    committed metrics (the README's, some of its rows), and its departures table is `--departures`'
+    of the code's settings."""
     import article_table
 
-    assert doc_table("README.md", "| | the article's reported") == printed_table(article_table.main, ["--show"], capsys)
+    full = printed_table(article_table.main, ["--show"], capsys)
+    assert doc_table("docs/how-it-works.md", "| | the article's reported") == full
+    headline = doc_table("README.md", "| | the article's reported")  # the README keeps some of its rows
+    assert headline[:2] == full[:2] and len(headline) >= 8 and all(row in full for row in headline)
     assert doc_table("docs/how-it-works.md", "| departure |") == printed_table(
         article_table.main, ["--departures"], capsys)
     runs = sorted(p.name for p in article_table.RESULTS.glob("*.json"))
@@ -394,4 +398,4 @@ def test_the_readme_peers_rows_are_what_baselines_show_prints(capsys):
     baselines.main(["--show", str(ROOT / "docs/results/baselines.json")])
     printed = set(capsys.readouterr().out.splitlines())
     rows = doc_table("README.md", "| | control (pixel rarity)")
-    assert len(rows) >= 10 and all(row in printed for row in rows)
+    assert len(rows) >= 8 and all(row in printed for row in rows)

@@ -1,0 +1,101 @@
+"""Mutation testing by a tool, by part: mutmut 3 (configured in setup.cfg) over bnn_mnist.py.
+
+    python tests/mutmut_parts.py run article        # Parts I and II: the article and "I don't know"
+    python tests/mutmut_parts.py run rest           # Parts III-VII (hours on 2 cores; stops and resumes)
+    python tests/mutmut_parts.py score              # the score of each part, equivalents set aside
+    python tests/mutmut_parts.py survivors article  # each survivor's diff (mutmut show), not yet listed
+
+A part is the functions whose definitions lie between its "# Part N." headers. mutmut keeps its
+results in mutants/ (git-ignored), so a part run twice only retests what changed. The
+equivalent mutants (no test can tell them from the code) are listed, each with its reason, in
+docs/contributing/mutation/equivalent.txt as "mutant name: reason"; the score leaves them out.
+"""
+
+import argparse
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EQUIVALENT = ROOT / "docs" / "contributing" / "mutation" / "equivalent.txt"
+PARTS = {"article": ("I", "III"), "rest": ("III", None)}
+
+
+def functions_by_part():
+    """{part: [mutmut name prefixes]} of the module's functions and methods, by where they are defined."""
+    source = (ROOT / "bnn_mnist.py").read_text()
+    lines = source.splitlines()
+    header = {title: next(i for i, line in enumerate(lines, 1) if line.startswith(f"# Part {title}."))
+              for title in ("I", "III")}
+    parts = {name: [] for name in PARTS}
+    for node in ast.parse(source).body:
+        names = []
+        if isinstance(node, ast.FunctionDef):
+            names = [f"x_{node.name}"]
+        elif isinstance(node, ast.ClassDef):
+            names = [f"x\u01c1{node.name}\u01c1{f.name}" for f in node.body if isinstance(f, ast.FunctionDef)]
+        part = "article" if header["I"] < node.lineno < header["III"] else "rest" if node.lineno > header["III"] else None
+        if part:
+            parts[part] += [f"bnn_mnist.{n}__mutmut_" for n in names]
+    return parts
+
+
+def equivalents():
+    if not EQUIVALENT.exists():
+        return {}
+    pairs = (line.split(":", 1) for line in EQUIVALENT.read_text().splitlines() if line.strip() and line[0] != "#")
+    return {name.strip(): reason.strip() for name, reason in pairs}
+
+
+def results():
+    """{mutant name: status} from mutmut's record in mutants/ (mutmut's own names for exit codes)."""
+    from mutmut.stats import status_by_exit_code  # reads setup.cfg from the working folder: ROOT
+
+    meta = json.loads((ROOT / "mutants" / "bnn_mnist.py.meta").read_text())
+    return {k: status_by_exit_code[v] for k, v in meta["exit_code_by_key"].items()}
+
+
+def part_of(name, parts):
+    return next((p for p, prefixes in parts.items() if any(name.startswith(x) for x in prefixes)), None)
+
+
+def score():
+    parts, done, same = functions_by_part(), results(), equivalents()
+    table = {}
+    for part in PARTS:
+        names = [n for n in done if part_of(n, parts) == part]
+        status = [("equivalent" if n in same else done[n]) for n in names]
+        counted = [s for s in status if s in ("killed", "survived", "timeout", "no tests", "segfault")]
+        killed = sum(s in ("killed", "timeout", "segfault") for s in counted)
+        table[part] = {s: status.count(s) for s in sorted(set(status))}
+        table[part]["score"] = killed / len(counted) if counted else float("nan")
+        print(f"{part}: {killed} of {len(counted)} non-equivalent mutants killed ({table[part]['score']:.1%}); "
+              + ", ".join(f"{s} {c}" for s, c in table[part].items() if s != "score"))
+    return table
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=("run", "score", "survivors"))
+    p.add_argument("part", nargs="?", choices=tuple(PARTS), default="article")
+    p.add_argument("--max-children", type=int, default=2)
+    args = p.parse_args(argv)
+    os.chdir(ROOT)
+    if args.command == "score":
+        return score()
+    parts = functions_by_part()
+    if args.command == "run":
+        globs = [f"{prefix}*" for prefix in parts[args.part]]
+        return subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *globs], cwd=ROOT).returncode
+    same = equivalents()
+    for name, status in results().items():
+        if status in ("survived", "no tests") and part_of(name, parts) == args.part and name not in same:
+            print(f"# {name}: {status}")
+            subprocess.run(["mutmut", "show", name], cwd=ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
