@@ -6,6 +6,7 @@ go through the same loading code as the real data set, without needing it.
 
 import gzip
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -101,6 +102,12 @@ def ready_net(hidden=16, init_scale=1e-3):
     net = bm.BNN(784, hidden, 10, init_scale=init_scale)
     net.trained.fill_(True)
     return net
+
+
+def as_from_a_terminal():
+    """preexec_fn for CLI subprocesses that get Ctrl-C: SIGINT at its default, as in a terminal, even
+    when the test runner ignores it (a child that starts with SIGINT ignored never sees KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cli_env():

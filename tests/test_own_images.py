@@ -227,11 +227,12 @@ def test_serve_runs_until_ctrl_c_and_stops_cleanly(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT, cli_env
+    from conftest import ROOT, as_from_a_terminal, cli_env
 
     guide = save_net(tmp_path, trained_like())
     proc = subprocess.Popen([sys.executable, str(ROOT / "bnn_mnist.py"), "serve", "--guide", str(guide), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+                            preexec_fn=as_from_a_terminal)
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving the page on http://127.0.0.1:"), line

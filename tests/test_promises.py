@@ -41,10 +41,14 @@ UNC = {"predict_or_abstain", "refusal_rule", "sample_probs_local", "sample_probs
 
 
 def test_every_library_default_that_is_a_setting_is_the_configs():
+    import ast
     import inspect
 
     checked = 0
-    for name in dir(bm):
+    source = ast.parse((ROOT / "bnn_mnist.py").read_text())
+    for name in [n.name for n in source.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]:
+        if "__mutmut_" in name:  # under mutation testing the source also holds each mutant's copy
+            continue
         f = getattr(bm, name)
         if not inspect.isfunction(f) and not (inspect.isclass(f) and issubclass(f, torch.nn.Module)):
             continue

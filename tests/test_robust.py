@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import bnn_mnist as bm
-from conftest import ROOT, cli_env
+from conftest import ROOT, as_from_a_terminal, cli_env
 
 TINY = ["--hidden-size", "16", "--batch-size", "32", "--unc-samples", "10", "--ood", "noise",
         "--noise-count", "50", "--no-plots", "--lr", "0.01", "--val-size", "100"]
@@ -61,7 +61,8 @@ def test_three_epochs_then_resume_two_equals_five_straight(tmp_path, data_dir, c
 def start_long_run(out, data_dir):
     cmd = [sys.executable, str(ROOT / "bnn_mnist.py"), "--data-dir", str(data_dir), "--out-dir", str(out),
            "--epochs", "400", "--batch-size", "8", *TINY[:2], *TINY[4:]]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+                            preexec_fn=as_from_a_terminal)
 
 
 def wait_for_checkpoint(out, proc, min_epoch=2, timeout=120):
