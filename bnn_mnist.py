@@ -1073,10 +1073,13 @@ def to_images(x):
     """Images as the network's input, (B, 784) float32 in [0, 1]: from (B, 784), (B, 28, 28) or
     (B, 1, 28, 28), a tensor or array, floats in [0, 1] or uint8 (0-255). Anything else (one
     image, other shapes or dtypes, NaN, values out of range, no images) is a ValueError."""
-    try:  # a tensor stays where it is (torch.as_tensor would move it to the default device)
-        x = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"images must be a tensor or array, got {type(x).__name__}: {e}") from None
+    if not isinstance(x, torch.Tensor):  # a tensor stays where it is (as_tensor would move it to the default device)
+        if any(s < 0 for s in getattr(x, "strides", ())):  # a flipped NumPy view (np.fliplr): torch needs a copy
+            x = x.copy()
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"images must be a tensor or array, got {type(x).__name__}: {e}") from None
     if tuple(x.shape) in ((784,), (28, 28)):
         raise ValueError(f"got one image of shape {tuple(x.shape)}: pass a batch, e.g. x[None]")
     if x.dim() < 2 or x.shape[1:] not in ((784,), (28, 28), (1, 28, 28)):

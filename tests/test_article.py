@@ -189,3 +189,23 @@ def test_the_article_answers_with_the_highest_class_median_the_quantile_rule_wit
     assert torch.allclose(probs.sum(-1), torch.ones(3, 1))
     assert bm.rule_classes(probs, bm.article_rule()).tolist() == [1]
     assert bm.rule_classes(probs, {"mutual_information": 0.1}).tolist() == [0]
+
+
+@pytest.mark.parametrize("average", ["logits", "probs"])
+def test_the_runs_figure_draws_the_articles_bars_or_the_samples(average, monkeypatch, tmp_path):
+    """prediction.png: under the article's averaging, one bar set, the softmax of the min-max
+    normalised mean logits (what its notebook drew); else each sample's probabilities."""
+    net = bm.BNN(784, H, 10, init_scale=0.3)
+    net.trained.fill_(True)
+    x, y = torch.rand(5, 784), torch.randint(0, 10, (5,))
+    logits = torch.tensor([[4.0, 0.0, 1.0] + [0.0] * 7, [2.0, 2.0, -1.0] + [0.0] * 7])  # (S=2, 10) for x[:1]
+    sample_logits = bm.sample_logits
+    monkeypatch.setattr(bm, "sample_logits", lambda x, net, s: logits[:, None] if len(x) == 1 else sample_logits(x, net, s))
+    drawn = {}
+    monkeypatch.setattr(bm, "plot", lambda image, bars, label=None, path=None: drawn.update(bars=bars, label=label))
+    cfg = bm.Config(average=average, num_samples=2)
+    bm.forced_prediction(cfg, net, x, y, {"losses": [1.0], "train_seconds": 0.0}, torch.device("cpu"), tmp_path)
+    assert drawn["label"] == y[0]
+    mean = torch.tensor([3.0, 1.0, 0.0] + [0.0] * 7)  # min 0, max 3
+    expected = (mean / 3).softmax(-1) if average == "logits" else logits.softmax(-1)
+    assert torch.allclose(drawn["bars"], expected)

@@ -121,3 +121,53 @@ def test_plot_draws_a_skewed_spread_around_a_mean_outside_it(tmp_path):
     spans = [(seg[0][1], seg[1][1]) for seg in whiskers.get_segments()]
     assert spans[3] == pytest.approx((1.0, 1.0)) and spans[7] == pytest.approx((0.0, 0.0))
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+# -----------------------------------------------------------------------------
+# Arrays a notebook user makes are not always contiguous: flipped, transposed back, Fortran-ordered.
+
+
+def test_views_that_are_not_contiguous_give_the_same_answer_as_a_copy(net):
+    x = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
+    flipped = x[:, :, ::-1]  # np.fliplr on each image: negative strides
+    variants = {
+        "flipped numpy view": (flipped, np.ascontiguousarray(flipped)),
+        "Fortran-ordered numpy": (np.asfortranarray(x.reshape(4, 784)), x.reshape(4, 784)),
+        "transposed-back torch view": (torch.from_numpy(np.ascontiguousarray(x.reshape(4, 784).T)).T,
+                                       torch.from_numpy(x.reshape(4, 784))),
+        "every other image": (np.repeat(x, 2, axis=0)[::2], x),
+    }
+    for name, (view, copy) in variants.items():
+        torch.manual_seed(0)
+        got = bm.predict_prob(view, net, 3)
+        torch.manual_seed(0)
+        # the same answer, up to float rounding (a matrix product may add in another order)
+        assert torch.allclose(got, bm.predict_prob(copy, net, 3), rtol=0, atol=1e-6), name
+        assert torch.allclose(net(view), net(copy), rtol=0, atol=1e-5), name
+    assert flipped.strides[2] < 0  # the first one really is a negative-stride view
+
+
+def test_plot_draws_the_mean_as_bars_and_the_digit_scaled_to_its_own_range():
+    """What the article's figure shows: one bar per class at the mean over the samples (the
+    forced class in red), the digit min-max scaled (a faint digit is shown as dark as a bold one)."""
+    probs = torch.softmax(torch.randn(7, 10, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    image = torch.linspace(0.1, 0.3, 784)  # faint: its ink spans 0.1-0.3
+    fig = bm.plot(image, probs, label=2)
+    bars = fig.axes[1].patches
+    assert [b.get_height() for b in bars] == pytest.approx(probs.mean(0).tolist(), abs=1e-6)
+    red = [i for i, b in enumerate(bars) if b.get_facecolor()[0] > 0.7 and b.get_facecolor()[2] < 0.5]
+    assert red == [int(probs.mean(0).argmax())]
+    shown = torch.as_tensor(fig.axes[0].images[0].get_array().data)
+    assert shown.min() == 0 and shown.max() == pytest.approx(1) and torch.allclose(shown.flatten(), bm.normalize(image))
+    assert fig.axes[0].get_title() == f"truth 2, predicted {int(probs.mean(0).argmax())}"
+    assert torch.equal(bm.normalize(torch.full((784,), 0.4)), torch.zeros(784))  # a blank image stays blank
+
+
+def test_pixel_values_on_the_edges_of_the_documented_range():
+    """Floats in [0, 1], closed at both ends; uint8 0 and 255 are 0 and 1."""
+    edges = torch.tensor([[0.0] * 392 + [1.0] * 392])
+    assert torch.equal(bm.Plumbing.to_images(edges), edges)
+    assert torch.equal(bm.Plumbing.to_images(torch.tensor([[0] * 392 + [255] * 392], dtype=torch.uint8)), edges)
+    for just_outside in (torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)), torch.tensor(-1e-7)):
+        with pytest.raises(ValueError, match=r"pixel values must lie in \[0, 1\]"):
+            bm.Plumbing.to_images(torch.full((1, 784), float(just_outside)))

@@ -367,3 +367,40 @@ def test_predict_or_abstain_answers_the_many_sample_class_where_it_accepts():
     pyro.set_rng_seed(0)
     one = bm.sample_probs_local(x, net, 1)[0].argmax(-1)
     assert (one != answers).float().mean() > 0.1  # one sample's class is another answer
+
+
+# -----------------------------------------------------------------------------
+# What a call must leave as it found it, for the notebook that made it
+
+
+def test_main_in_a_notebook_gives_the_signal_handlers_back_even_when_it_fails(tmp_path, data_dir, monkeypatch):
+    import signal
+
+    def mine(signum, frame):  # a notebook's own handlers, e.g. Jupyter's
+        pass
+
+    before = {s: signal.signal(s, mine) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "a"), "--epochs", "1", "--max-batches", "2",
+                 *TINY])
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
+
+        def diverged(*a, **k):
+            raise bm.Error("loss became nan at epoch 1 step 1")
+
+        monkeypatch.setattr(bm, "train_epoch", diverged)
+        with pytest.raises(SystemExit):
+            bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "b"), "--epochs", "1", *TINY])
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def test_pyros_predictive_leaves_the_param_store_as_it_was():
+    net = ready_net(H, init_scale=0.1)
+    pyro.clear_param_store()
+    pyro.param("a_users_own", torch.ones(2))  # something the notebook keeps in the global store
+    bm.pyro_predictive_prob(torch.rand(3, 784), net, 4)
+    assert list(pyro.get_param_store().keys()) == ["a_users_own"]
+    assert torch.equal(pyro.param("a_users_own"), torch.ones(2))

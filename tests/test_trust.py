@@ -166,3 +166,53 @@ def test_a_bug_keeps_its_traceback_but_a_users_mistake_is_one_line(tmp_path, dat
     with pytest.raises(SystemExit) as e:
         bm.main(["--data-dir", str(tmp_path / "nothing"), "--out-dir", str(tmp_path)])
     assert e.value.code == 1 and capsys.readouterr().err.startswith("error: no MNIST file")
+
+
+# -----------------------------------------------------------------------------
+# The memory bound holds at the sizes a user runs, not only at toy sizes
+
+
+@pytest.mark.parametrize("num_samples, batch", [(10, 10000), (100, 10000), (1000, 1), (3, 5)])
+def test_the_default_bound_holds_for_the_default_network(num_samples, batch):
+    net = bm.BNN()  # 784-1024-10: 814,090 weights a set
+    weight_set, hidden = sum(p.numel() for p in net.loc.values()), net.sizes[1]
+    s, b = bm.chunk_sizes(net, num_samples, batch, 2**25)
+    assert s * weight_set <= 2**25 and s * min(b, batch) * hidden <= 2**25  # 128 MiB of floats each
+    assert s >= 1 and b >= 1 and (s == num_samples or s * weight_set * 2 > 2**25 or s * min(b, batch) * hidden * 2 > 2**25)
+
+
+def test_sampling_a_default_network_allocates_within_the_bound():
+    net = bm.BNN(init_scale=0.05)
+    net.trained.fill_(True)
+    x = torch.rand(3000, 784)
+    with LargestAllocation() as mode:
+        probs = bm.sample_probs(x, net, 12)  # max_elements at its default, 2**25
+    assert probs.shape == (12, 3000, 10) and mode.largest <= 2**25
+    with LargestAllocation() as unbounded:
+        bm.sample_probs(x, net, 12, max_elements=2**40)
+    assert unbounded.largest > 2**25  # unbounded, the same call would breach it: the bound is doing the work
+
+
+# -----------------------------------------------------------------------------
+# Each loader handed the other file the project writes: one line saying which is which
+
+
+def test_a_guide_and_a_checkpoint_are_never_taken_for_each_other(tmp_path, data_dir, capsys):
+    from conftest import TINY
+
+    bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", "--max-batches", "2", *TINY])
+    guide, checkpoint = tmp_path / "guide.pt", tmp_path / "checkpoint.pt"
+    with pytest.raises(bm.Error, match="checkpoint.pt has format 'bnn_mnist-checkpoint-2', expected 'bnn_mnist-guide-2'"):
+        bm.load_guide(checkpoint)
+    with pytest.raises(bm.Error, match="guide.pt has format 'bnn_mnist-guide-2', expected 'bnn_mnist-checkpoint-2'"):
+        bm.load_checkpoint(guide)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        bm.main(["predict", "--guide", str(checkpoint), str(guide)])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {checkpoint} has format 'bnn_mnist-checkpoint-2', expected 'bnn_mnist-guide-2'"]
+    guide.replace(checkpoint)  # a guide where --resume expects its checkpoint
+    with pytest.raises(SystemExit) as e:
+        bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", "--resume", *TINY])
+    assert e.value.code == 1 and "expected 'bnn_mnist-checkpoint-2'" in capsys.readouterr().err
