@@ -116,3 +116,15 @@ def cli_env():
     env.update(PYTHONUNBUFFERED="1", http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
                HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
     return env
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under mutation testing (tests/mutmut_parts.py), the fastest tests first: a mutant is killed by
+    its first failing test (-x), so a slow test that cannot see it should not run before a fast one
+    that can. mutmut records each test's time in mutmut-stats.json, in the folder it runs from."""
+    import json
+
+    stats = Path("mutmut-stats.json")
+    if "__mutmut_" in os.environ.get("MUTANT_UNDER_TEST", "") and stats.exists():
+        seconds = json.loads(stats.read_text()).get("duration_by_test", {})
+        items.sort(key=lambda item: seconds.get(item.nodeid, 0.0))

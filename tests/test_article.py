@@ -209,3 +209,15 @@ def test_the_runs_figure_draws_the_articles_bars_or_the_samples(average, monkeyp
     mean = torch.tensor([3.0, 1.0, 0.0] + [0.0] * 7)  # min 0, max 3
     expected = (mean / 3).softmax(-1) if average == "logits" else logits.softmax(-1)
     assert torch.allclose(drawn["bars"], expected)
+
+
+@pytest.mark.parametrize("num_samples", [1, 2, 3, 4, 5, 100, 101])
+def test_the_median_is_numpys_percentile_50_for_odd_and_even_sample_counts(num_samples):
+    """The article took each class's median with NumPy's percentile(50): the middle sample when S is
+    odd, the mean of the two middle ones when it is even."""
+    import numpy as np
+
+    probs = torch.rand(num_samples, 6, 10, generator=torch.Generator().manual_seed(num_samples)).softmax(-1)
+    expected = torch.from_numpy(np.percentile(probs.numpy(), 50, axis=0)).float()
+    assert torch.allclose(bm.median_probs(probs), expected, atol=1e-7)
+    assert torch.allclose(bm.max_median_prob(probs), expected.max(-1).values, atol=1e-7)

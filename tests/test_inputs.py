@@ -171,3 +171,18 @@ def test_pixel_values_on_the_edges_of_the_documented_range():
     for just_outside in (torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)), torch.tensor(-1e-7)):
         with pytest.raises(ValueError, match=r"pixel values must lie in \[0, 1\]"):
             bm.Plumbing.to_images(torch.full((1, 784), float(just_outside)))
+
+
+def test_plot_takes_probabilities_as_a_plain_list_of_ints():
+    """A one-hot answer typed by hand, [0, 0, 1, 0, ...], is a (10,) of probabilities too."""
+    fig = bm.plot(torch.rand(784), [0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+    assert [b.get_height() for b in fig.axes[1].patches] == [0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+
+
+def test_net_moves_the_images_to_where_its_posterior_lives():
+    """net.to(device) then net(x) with x on the CPU: the images follow the net (here to the meta
+    device, which stands in for a GPU on a machine without one)."""
+    net = bm.BNN(784, 8, 10).to("meta")
+    net.trained = torch.tensor(True)  # the flag stays readable on the CPU
+    out = net(torch.rand(3, 784))
+    assert out.device.type == "meta" and out.shape == (3, 10)
