@@ -153,6 +153,7 @@ def test_plot_draws_the_mean_as_bars_and_the_digit_scaled_to_its_own_range():
     probs = torch.softmax(torch.randn(7, 10, generator=torch.Generator().manual_seed(0)) * 3, -1)
     image = torch.linspace(0.1, 0.3, 784)  # faint: its ink spans 0.1-0.3
     fig = bm.plot(image, probs, label=2)
+    assert len(fig.axes) == 2  # the digit and the chart, no empty panel
     bars = fig.axes[1].patches
     assert [b.get_height() for b in bars] == pytest.approx(probs.mean(0).tolist(), abs=1e-6)
     red = [i for i, b in enumerate(bars) if b.get_facecolor()[0] > 0.7 and b.get_facecolor()[2] < 0.5]
