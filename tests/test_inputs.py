@@ -187,3 +187,16 @@ def test_net_moves_the_images_to_where_its_posterior_lives():
     net.trained = torch.tensor(True)  # the flag stays readable on the CPU
     out = net(torch.rand(3, 784))
     assert out.device.type == "meta" and out.shape == (3, 10)
+
+
+@pytest.mark.parametrize("num_samples", [1, 2, 3])
+def test_plot_shows_the_samples_spread_whenever_there_are_two_or_more(num_samples):
+    """One dot per sample per class and a 5-95% whisker when there is a spread to show (two samples
+    or more); a single sample, or one row of probabilities, is the bars alone."""
+    probs = torch.softmax(torch.randn(num_samples, 10, generator=torch.Generator().manual_seed(1)), -1)
+    collections = bm.plot(torch.rand(784), probs).axes[1].collections
+    if num_samples == 1:
+        assert len(collections) == 0
+    else:
+        dots = [c for c in collections if c.get_label().endswith("posterior samples")][0]
+        assert len(dots.get_offsets()) == num_samples * 10 and len(collections) == 2
