@@ -198,5 +198,18 @@ def test_plot_shows_the_samples_spread_whenever_there_are_two_or_more(num_sample
     if num_samples == 1:
         assert len(collections) == 0
     else:
-        dots = [c for c in collections if c.get_label().endswith("posterior samples")][0]
+        dots = [c for c in collections if c.get_label() == f"{num_samples} posterior samples"][0]
         assert len(dots.get_offsets()) == num_samples * 10 and len(collections) == 2
+
+
+def test_the_dots_sit_beside_their_class_and_the_scale_is_probability():
+    """Each sample's dot is jittered sideways within 0.2 of its class (centred on it, so classes never
+    mix); the y axis is probability, 0 to 1, whatever the bars' heights."""
+    probs = torch.full((400, 10), 0.01)
+    probs[:, 4] = 0.91
+    ax = bm.plot(torch.rand(784), probs, generator=torch.Generator().manual_seed(2)).axes[1]
+    dots = [c for c in ax.collections if c.get_label() == "400 posterior samples"][0].get_offsets()
+    offset = torch.as_tensor(dots[:, 0]).reshape(400, 10) - torch.arange(10)  # (S, 10): x minus its class
+    assert offset.abs().max() <= 0.2 and offset.abs().max() > 0.19  # the whole band, never beyond
+    assert abs(float(offset.mean())) < 0.01  # centred on the class
+    assert ax.get_ylim() == pytest.approx((0, 1.02))
