@@ -158,7 +158,9 @@ def test_plot_draws_the_mean_as_bars_and_the_digit_scaled_to_its_own_range():
     assert [b.get_height() for b in bars] == pytest.approx(probs.mean(0).tolist(), abs=1e-6)
     red = [i for i, b in enumerate(bars) if b.get_facecolor()[0] > 0.7 and b.get_facecolor()[2] < 0.5]
     assert red == [int(probs.mean(0).argmax())]
-    shown = torch.as_tensor(fig.axes[0].images[0].get_array().data)
+    digit = fig.axes[0].images[0]
+    assert digit.get_cmap().name == "gray_r" and digit.get_clim() == (0, 1)  # dark ink on white, 0 to 1
+    shown = torch.as_tensor(digit.get_array().data)
     assert shown.min() == 0 and shown.max() == pytest.approx(1) and torch.allclose(shown.flatten(), bm.normalize(image))
     assert fig.axes[0].get_title() == f"truth 2, predicted {int(probs.mean(0).argmax())}"
     assert torch.equal(bm.normalize(torch.full((784,), 0.4)), torch.zeros(784))  # a blank image stays blank
@@ -212,4 +214,4 @@ def test_the_dots_sit_beside_their_class_and_the_scale_is_probability():
     offset = torch.as_tensor(dots[:, 0]).reshape(400, 10) - torch.arange(10)  # (S, 10): x minus its class
     assert offset.abs().max() <= 0.2 and offset.abs().max() > 0.19  # the whole band, never beyond
     assert abs(float(offset.mean())) < 0.01  # centred on the class
-    assert ax.get_ylim() == pytest.approx((0, 1.02))
+    assert ax.get_ylim() == pytest.approx((0, 1.02)) and list(ax.get_xticks()) == list(range(10))  # every class
