@@ -160,6 +160,7 @@ def test_plot_draws_the_mean_as_bars_and_the_digit_scaled_to_its_own_range():
     assert red == [int(probs.mean(0).argmax())]
     digit = fig.axes[0].images[0]
     assert digit.get_cmap().name == "gray_r" and digit.get_clim() == (0, 1)  # dark ink on white, 0 to 1
+    assert not any(line.get_visible() for line in fig.axes[0].get_xgridlines() + fig.axes[0].get_ygridlines())
     shown = torch.as_tensor(digit.get_array().data)
     assert shown.min() == 0 and shown.max() == pytest.approx(1) and torch.allclose(shown.flatten(), bm.normalize(image))
     assert fig.axes[0].get_title() == f"truth 2, predicted {int(probs.mean(0).argmax())}"
@@ -215,3 +216,23 @@ def test_the_dots_sit_beside_their_class_and_the_scale_is_probability():
     assert offset.abs().max() <= 0.2 and offset.abs().max() > 0.19  # the whole band, never beyond
     assert abs(float(offset.mean())) < 0.01  # centred on the class
     assert ax.get_ylim() == pytest.approx((0, 1.02)) and list(ax.get_xticks()) == list(range(10))  # every class
+
+
+@pytest.mark.parametrize("suffix, magic", [("png", b"\x89PNG"), ("pdf", b"%PDF"), ("svg", b"<?xml")])
+def test_a_figure_is_saved_in_the_format_its_name_asks_for(tmp_path, suffix, magic):
+    bm.plot(torch.rand(784), torch.full((10,), 0.1), path=tmp_path / f"p.{suffix}")
+    assert (tmp_path / f"p.{suffix}").read_bytes().startswith(magic)
+
+
+def test_each_figure_has_the_panels_it_draws_and_no_empty_one():
+    probs = torch.softmax(torch.randn(6, 20, 10, generator=torch.Generator().manual_seed(0)), -1)  # (S, N, 10)
+    y, score = torch.randint(0, 10, (20,)), torch.rand(20)
+    figures = {
+        "reliability": (bm.plot_reliability(probs.mean(0), y), 2),
+        "coverage": (bm.plot_coverage(score, torch.rand(20) > 0.3, score > 0.8, "max_prob"), 1),
+        "histograms": (bm.plot_histograms({"MNIST": score, "noise": score + 1}, "max_prob", 0.8), 1),
+    }
+    for name, (fig, panels) in figures.items():
+        assert len(fig.axes) == panels, name
+        for ax in fig.axes:
+            assert ax.lines or ax.patches or ax.collections or ax.images, name  # each panel draws something
