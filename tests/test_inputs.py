@@ -218,10 +218,36 @@ def test_the_dots_sit_beside_their_class_and_the_scale_is_probability():
     assert ax.get_ylim() == pytest.approx((0, 1.02)) and list(ax.get_xticks()) == list(range(10))  # every class
 
 
-@pytest.mark.parametrize("suffix, magic", [("png", b"\x89PNG"), ("pdf", b"%PDF"), ("svg", b"<?xml")])
-def test_a_figure_is_saved_in_the_format_its_name_asks_for(tmp_path, suffix, magic):
-    bm.plot(torch.rand(784), torch.full((10,), 0.1), path=tmp_path / f"p.{suffix}")
-    assert (tmp_path / f"p.{suffix}").read_bytes().startswith(magic)
+def png_size(data):
+    """(width, height) in pixels of PNG bytes."""
+    import struct
+
+    assert data.startswith(b"\x89PNG")
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.parametrize("name, magic", [("p.png", b"\x89PNG"), ("p.pdf", b"%PDF"), ("p.svg", b"<?xml"), ("p", b"\x89PNG")])
+def test_a_figure_is_saved_in_the_format_its_name_asks_for(tmp_path, name, magic):
+    """The suffix picks the format (none: PNG); PNGs at 110 dpi (the article's figure: 8 x 3.2 inches)."""
+    bm.plot(torch.rand(784), torch.full((10,), 0.1), path=tmp_path / name)
+    data = (tmp_path / name).read_bytes()
+    assert data.startswith(magic)
+    if magic == b"\x89PNG":
+        assert png_size(data) == (880, 352)
+
+
+def test_in_a_notebook_a_figure_is_shown_once_as_a_png_and_elsewhere_not_at_all(monkeypatch, capsys):
+    import IPython
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    bm.plot(torch.rand(784), torch.full((10,), 0.1))  # a script: no IPython shell
+    assert shown == [] and capsys.readouterr().out == ""
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())  # a notebook
+    bm.plot(torch.rand(784), torch.full((10,), 0.1))
+    (image,) = shown
+    assert image.format == "png" and png_size(image.data) == (880, 352)
 
 
 def test_each_figure_has_the_panels_it_draws_and_no_empty_one():
