@@ -143,3 +143,31 @@ def test_a_second_train_says_it_goes_on_with_a_fresh_optimiser(small_data):
         bm.train(net, x, y, epochs=1, max_batches=2, progress=False, log=lines.append)
     notes = [t for t in lines if t.startswith("note:")]
     assert len(notes) == 1 and "fresh Adam" in notes[0] and lines.index(notes[0]) == 1
+
+
+def test_resuming_a_trained_net_from_its_checkpoint_is_no_second_train(small_data, tmp_path):
+    """The note is for a second train() call, not for picking up a checkpoint of the same run."""
+    x, y, _, _ = small_data
+    net, lines = bm.BNN(784, H, 10), []
+    bm.train(net, x, y, epochs=1, max_batches=2, progress=False, log=lines.append, checkpoint_path=tmp_path / "c.pt")
+    state = bm.load_checkpoint(tmp_path / "c.pt")
+    bm.train(net, x, y, epochs=2, max_batches=2, progress=False, log=lines.append, resume_state=state)
+    assert not [t for t in lines if t.startswith("note:")] and len([t for t in lines if t.startswith("epoch")]) == 2
+
+
+def test_training_shows_a_progress_bar_unless_told_not_to(small_data, monkeypatch):
+    """progress=True (the default) leaves the bar to tqdm, which shows it in a terminal; False hides it."""
+    import tqdm.auto
+
+    made = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs.get("disable"))
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    x, y, _, _ = small_data
+    bm.train(bm.BNN(784, H, 10), x, y, epochs=1, max_batches=2, log=lambda *a: None)
+    bm.train(bm.BNN(784, H, 10), x, y, epochs=1, max_batches=2, progress=False, log=lambda *a: None)
+    assert made == [None, True]
