@@ -165,6 +165,7 @@ def test_training_shows_a_progress_bar_unless_told_not_to(small_data, monkeypatc
     class Bar(tqdm.auto.tqdm):
         def __init__(self, *args, **kwargs):
             made.append(kwargs.get("disable"))
+            assert kwargs.get("total") == 2  # the bar counts the epoch's steps (here capped at 2)
             super().__init__(*args, **{**kwargs, "disable": True})
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)

@@ -221,3 +221,16 @@ def test_the_median_is_numpys_percentile_50_for_odd_and_even_sample_counts(num_s
     expected = torch.from_numpy(np.percentile(probs.numpy(), 50, axis=0)).float()
     assert torch.allclose(bm.median_probs(probs), expected, atol=1e-7)
     assert torch.allclose(bm.max_median_prob(probs), expected.max(-1).values, atol=1e-7)
+
+
+def test_train_takes_the_articles_loss_when_asked(small_data):
+    """train(kl_per_batch=True): each step's loss is the minibatch NLL, not scaled to the data set, plus
+    the whole KL; on the same draws it is lower than the default's by the scaling of the NLL."""
+    x, y, _, _ = small_data
+    losses = {}
+    for kl_per_batch in (False, True):
+        pyro.set_rng_seed(0)
+        net = bm.BNN(784, H, 10)
+        losses[kl_per_batch] = bm.train(net, x, y, epochs=1, max_batches=1, kl_per_batch=kl_per_batch, progress=False,
+                                        log=lambda *a: None)["losses"][0]
+    assert losses[True] < losses[False]
