@@ -152,3 +152,16 @@ def test_two_epochs_decay_by_lr_decay_squared(small_data):
     net, start, grads, steps = train_and_replay(small_data, batch_size=128, epochs=2, lr_decay=0.3)
     assert steps == 5 and len(grads) == 10
     assert_params_equal(net, adam_by_hand(start, grads, 0.01, 10.0, 0.3 ** (1 / 5)))
+
+
+def test_make_svi_keeps_the_rate_constant_unless_told_to_decay(small_data):
+    """Run by hand as the article does, `make_svi(net, lr)` is Adam at a constant rate."""
+    x, y, _, _ = small_data
+    losses = []
+    for kwargs in ({}, {"lr_decay": 1.0}, {"lr_decay": 0.5}):
+        pyro.set_rng_seed(0)
+        net = bm.BNN(784, 8, 10)
+        with pyro.get_param_store().scope():
+            svi, _ = bm.make_svi(net, 0.05, **kwargs)
+            losses.append([svi.step(x[:64], y[:64], len(x)) for _ in range(4)])
+    assert losses[0] == losses[1] and losses[0] != losses[2]

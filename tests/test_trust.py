@@ -216,3 +216,9 @@ def test_a_guide_and_a_checkpoint_are_never_taken_for_each_other(tmp_path, data_
     with pytest.raises(SystemExit) as e:
         bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", "--resume", *TINY])
     assert e.value.code == 1 and "expected 'bnn_mnist-checkpoint-2'" in capsys.readouterr().err
+
+
+def test_saving_into_a_folder_that_is_not_there_is_one_clear_error(tmp_path):
+    net = ready_net(8)
+    with pytest.raises(bm.Error, match=r"could not save .*missing.*g\.pt: No such file or directory \(the previous file is kept\)"):
+        bm.save_guide(tmp_path / "missing" / "g.pt", net)
