@@ -165,3 +165,17 @@ def test_make_svi_keeps_the_rate_constant_unless_told_to_decay(small_data):
             svi, _ = bm.make_svi(net, 0.05, **kwargs)
             losses.append([svi.step(x[:64], y[:64], len(x)) for _ in range(4)])
     assert losses[0] == losses[1] and losses[0] != losses[2]
+
+
+def test_make_svi_hands_its_prior_scale_to_the_local_estimator_too():
+    """make_svi(prior_scale=s, elbo="local") scores the KL to N(0, s), as the model it is given."""
+    net = bm.BNN(784, 8, 10, init_scale=0.1)  # net.prior_scale stays 1.0
+    x, y = torch.rand(16, 784), torch.randint(0, 10, (16,))
+    with pyro.get_param_store().scope():
+        svi, _ = bm.make_svi(net, 0.01, prior_scale=0.3, elbo="local")
+        torch.manual_seed(0)
+        got = svi.evaluate_loss(x, y, 100)
+    torch.manual_seed(0)
+    with pyro.get_param_store().scope():
+        expected = bm.local_reparam_loss(None, None, x, y, 100, net=net, prior_scale=0.3).item()
+    assert got == pytest.approx(expected, rel=1e-6)
