@@ -234,3 +234,12 @@ def test_train_takes_the_articles_loss_when_asked(small_data):
         losses[kl_per_batch] = bm.train(net, x, y, epochs=1, max_batches=1, kl_per_batch=kl_per_batch, progress=False,
                                         log=lambda *a: None)["losses"][0]
     assert losses[True] < losses[False]
+
+
+def test_the_minibatch_sits_in_a_plate_named_data_of_the_data_sets_size():
+    """What poutine.trace shows a Pyro user: a subsample plate "data" of size N holding the B images."""
+    net = bm.BNN(784, H, 10)
+    trace = pyro.poutine.trace(bm.model).get_trace(torch.rand(5, 784), torch.randint(0, 10, (5,)), 1000, net=net)
+    plate = trace.nodes["data"]
+    assert site_is_subsample(plate) and plate["fn"].size == 1000 and len(plate["value"]) == 5
+    assert trace.nodes["obs"]["cond_indep_stack"][0].name == "data"
