@@ -222,3 +222,23 @@ def test_saving_into_a_folder_that_is_not_there_is_one_clear_error(tmp_path):
     net = ready_net(8)
     with pytest.raises(bm.Error, match=r"could not save .*missing.*g\.pt: No such file or directory \(the previous file is kept\)"):
         bm.save_guide(tmp_path / "missing" / "g.pt", net)
+
+
+def test_the_per_image_sampler_keeps_its_noise_pool_within_16_mib_at_the_default_size():
+    net = bm.BNN(init_scale=0.05)  # H = 1024
+    net.trained.fill_(True)
+    S, B, H = 100, 5000, 1024
+    with LargestAllocation() as mode:
+        probs = bm.sample_probs_local(torch.rand(B, 784), net, S)
+    assert probs.shape == (S, B, 10)
+    # the answer (S, B, 10), each image's mean and std (B, H), and the pool: at most 2**22 floats past S rows
+    assert mode.largest <= max(S * B * 10, B * H, (S + 2**22 // H) * H)
+
+
+def test_the_per_image_sampler_follows_the_net_to_its_device():
+    """net.to(device): the 100-sample passes compute there, whatever device the images are on (the meta
+    device stands in for a GPU; weight-set sampling goes through Pyro's Normal, which meta cannot check)."""
+    net = bm.BNN(784, 8, 10).to("meta")
+    net.trained = torch.tensor(True)
+    probs = bm.sample_probs_local(torch.rand(3, 784), net, 2)
+    assert probs.device.type == "meta" and probs.shape == (2, 3, 10)
