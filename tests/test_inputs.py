@@ -160,7 +160,6 @@ def test_plot_draws_the_mean_as_bars_and_the_digit_scaled_to_its_own_range():
     assert red == [int(probs.mean(0).argmax())]
     digit = fig.axes[0].images[0]
     assert digit.get_cmap().name == "gray_r" and digit.get_clim() == (0, 1)  # dark ink on white, 0 to 1
-    assert not any(line.get_visible() for line in fig.axes[0].get_xgridlines() + fig.axes[0].get_ygridlines())
     shown = torch.as_tensor(digit.get_array().data)
     assert shown.min() == 0 and shown.max() == pytest.approx(1) and torch.allclose(shown.flatten(), bm.normalize(image))
     assert fig.axes[0].get_title() == f"truth 2, predicted {int(probs.mean(0).argmax())}"
