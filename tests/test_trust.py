@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 
+import pyro
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -177,6 +178,7 @@ def test_the_default_bound_holds_for_the_default_network(num_samples, batch):
     net = bm.BNN()  # 784-1024-10: 814,090 weights a set
     weight_set, hidden = sum(p.numel() for p in net.loc.values()), net.sizes[1]
     s, b = bm.chunk_sizes(net, num_samples, batch, 2**25)
+    assert isinstance(s, int) and isinstance(b, int)  # counts of weight sets and images
     assert s * weight_set <= 2**25 and s * min(b, batch) * hidden <= 2**25  # 128 MiB of floats each
     assert s >= 1 and b >= 1 and (s == num_samples or s * weight_set * 2 > 2**25 or s * min(b, batch) * hidden * 2 > 2**25)
 
@@ -233,6 +235,22 @@ def test_the_per_image_sampler_keeps_its_noise_pool_within_16_mib_at_the_default
     assert probs.shape == (S, B, 10)
     # the answer (S, B, 10), each image's mean and std (B, H), and the pool: at most 2**22 floats past S rows
     assert mode.largest <= max(S * B * 10, B * H, (S + 2**22 // H) * H)
+
+
+def test_room_for_one_weight_set_is_one_weight_set_at_a_time():
+    net = bm.BNN(784, 16, 10)
+    weight_set = sum(p.numel() for p in net.loc.values())
+    for bound in (weight_set, 2 * weight_set - 1):
+        assert bm.chunk_sizes(net, 10, 5, bound)[0] == 1
+
+
+def test_weight_set_sampling_follows_the_net_to_its_device():
+    """The meta device stands in for a GPU (Pyro's argument checks read values, which meta has not)."""
+    net = bm.BNN(784, 8, 10).to("meta")
+    net.trained = torch.tensor(True)
+    with pyro.validation_enabled(False):
+        probs = bm.sample_probs(torch.rand(3, 784), net, 2)
+    assert probs.device.type == "meta" and probs.shape == (2, 3, 10)
 
 
 def test_the_per_image_sampler_follows_the_net_to_its_device():
