@@ -278,7 +278,9 @@ def test_hand_written_svi_with_two_nets_is_refused_not_mixed_up(small_data):
     svi_a, _ = bm.make_svi(a, lr=1e-2)
     svi_a.step(x[:32], y[:32], 600)  # by hand, in the global store, as the article does
     svi_b, _ = bm.make_svi(b, lr=1e-2)
-    with pytest.raises(ValueError, match="param store holds another BNN's posterior"):
+    with pytest.raises(ValueError, match=r"^Pyro's param store holds another BNN's posterior: run SVI by hand inside "
+                                         r"`with pyro\.get_param_store\(\)\.scope\(\):` \(as bm\.train does\), "
+                                         r"or pyro\.clear_param_store\(\)\n"):  # Pyro adds the trace's shapes below
         svi_b.step(x[:32], y[:32], 600)
     with pyro.get_param_store().scope():  # the fix the message gives
         before = b.loc["out_bias"].detach().clone()
