@@ -1115,10 +1115,10 @@ def mnist_error(raw, train, e):
         return (f"no {raw.parent.name} file {missing[0]} in {raw} and the download failed ({reason}); put the four "
                 f"*-ubyte files there, or point --data-dir at a folder holding {raw.parent.name}/raw/")
     for name, read in zip(MNIST_FILES[train], (read_image_file, read_label_file)):
-        with contextlib.suppress(Exception):  # torchvision's readers: a bare AssertionError names no file
+        try:  # torchvision's own readers: a bare AssertionError names no file, so name it here
             read(str(raw / name))
-            continue
-        return f"{raw / name} is not an MNIST IDX file: damaged or truncated"
+        except Exception:
+            return f"{raw / name} is not an MNIST IDX file: damaged or truncated"
     return f"cannot read {raw.parent.name} in {raw}: {reason}"
 
 

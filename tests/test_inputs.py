@@ -182,15 +182,6 @@ def test_plot_takes_probabilities_as_a_plain_list_of_ints():
     assert [b.get_height() for b in fig.axes[1].patches] == [0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
 
 
-def test_net_moves_the_images_to_where_its_posterior_lives():
-    """net.to(device) then net(x) with x on the CPU: the images follow the net (here to the meta
-    device, which stands in for a GPU on a machine without one)."""
-    net = bm.BNN(784, 8, 10).to("meta")
-    net.trained = torch.tensor(True)  # the flag stays readable on the CPU
-    out = net(torch.rand(3, 784))
-    assert out.device.type == "meta" and out.shape == (3, 10)
-
-
 @pytest.mark.parametrize("num_samples", [1, 2, 3])
 def test_plot_shows_the_samples_spread_whenever_there_are_two_or_more(num_samples):
     """One dot per sample per class and a 5-95% whisker when there is a spread to show (two samples

@@ -244,19 +244,16 @@ def test_room_for_one_weight_set_is_one_weight_set_at_a_time():
         assert bm.chunk_sizes(net, 10, 5, bound)[0] == 1
 
 
-def test_weight_set_sampling_follows_the_net_to_its_device():
-    """The meta device stands in for a GPU (Pyro's argument checks read values, which meta has not)."""
+def test_everything_that_takes_images_follows_the_net_to_its_device():
+    """net.to(device), then images on the CPU: net(x), weight-set sampling and the per-image sampler all
+    compute where the posterior lives (the meta device stands in for a GPU on a machine without one;
+    Pyro's argument checks read values, which meta has not, so they are off for the weight sets)."""
     net = bm.BNN(784, 8, 10).to("meta")
-    net.trained = torch.tensor(True)
+    net.trained = torch.tensor(True)  # the flag stays readable on the CPU
+    x = torch.rand(3, 784)
+    out = net(x)
+    assert out.device.type == "meta" and out.shape == (3, 10)
     with pyro.validation_enabled(False):
-        probs = bm.sample_probs(torch.rand(3, 784), net, 2)
-    assert probs.device.type == "meta" and probs.shape == (2, 3, 10)
-
-
-def test_the_per_image_sampler_follows_the_net_to_its_device():
-    """net.to(device): the 100-sample passes compute there, whatever device the images are on (the meta
-    device stands in for a GPU; weight-set sampling goes through Pyro's Normal, which meta cannot check)."""
-    net = bm.BNN(784, 8, 10).to("meta")
-    net.trained = torch.tensor(True)
-    probs = bm.sample_probs_local(torch.rand(3, 784), net, 2)
-    assert probs.device.type == "meta" and probs.shape == (2, 3, 10)
+        weight_sets = bm.sample_probs(x, net, 2)
+    for probs in (weight_sets, bm.sample_probs_local(x, net, 2)):
+        assert probs.device.type == "meta" and probs.shape == (2, 3, 10)
