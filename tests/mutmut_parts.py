@@ -1,12 +1,15 @@
 """Mutation testing by a tool, by part: mutmut 3 (configured in setup.cfg) over bnn_mnist.py.
 
     python tests/mutmut_parts.py run article        # Parts I and II: the article and "I don't know"
-    python tests/mutmut_parts.py run rest           # Parts III-VII (hours on 2 cores; stops and resumes)
+    python tests/mutmut_parts.py run rest --first 400   # Parts III-VII, 400 more (hours in all on 2 cores)
+    python tests/mutmut_parts.py rerun article      # the survivors not listed as equivalent (after new tests)
     python tests/mutmut_parts.py score              # the score of each part, equivalents set aside
     python tests/mutmut_parts.py survivors article  # each survivor's diff (mutmut show), not yet listed
 
-A part is the functions whose definitions lie between its "# Part N." headers. mutmut keeps its
-results in mutants/ (git-ignored), so a part run twice only retests what changed. The
+A part is the functions whose definitions lie between its "# Part N." headers. `run` names to mutmut
+the part's unchecked mutants in one fixed random order (seed 0), so a part checked only in part is a
+uniform random sample of it: `score` then gives the sample's score with a 95% interval, and the next
+`run` goes on where the last stopped. mutmut keeps its results in mutants/ (git-ignored). The
 equivalent mutants (no test can tell them from the code) are listed, each with its reason, in
 docs/contributing/mutation/equivalent.txt as "mutant name: reason"; the score leaves them out.
 """
@@ -14,7 +17,9 @@ docs/contributing/mutation/equivalent.txt as "mutant name: reason"; the score le
 import argparse
 import ast
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +67,14 @@ def part_of(name, parts):
     return next((p for p, prefixes in parts.items() if any(name.startswith(x) for x in prefixes)), None)
 
 
+def wilson(k, n, z=1.96):
+    """The 95% interval of a proportion k/n (Wilson's): a sample's score, not the part's."""
+    if n == 0:
+        return float("nan"), float("nan")
+    centre, half = (k + z * z / 2) / (n + z * z), z * math.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
+    return centre - half, centre + half
+
+
 def score():
     parts, done, same = functions_by_part(), results(), equivalents()
     table = {}
@@ -72,37 +85,51 @@ def score():
         killed = sum(s in ("killed", "timeout", "segfault") for s in counted)
         table[part] = {s: status.count(s) for s in sorted(set(status))}
         table[part]["score"] = killed / len(counted) if counted else float("nan")
-        print(f"{part}: {killed} of {len(counted)} non-equivalent mutants killed ({table[part]['score']:.1%}); "
-              + ", ".join(f"{s} {c}" for s, c in table[part].items() if s != "score"))
+        line = (f"{part}: {killed} of {len(counted)} non-equivalent mutants killed ({table[part]['score']:.1%}); "
+                + ", ".join(f"{s} {c}" for s, c in table[part].items() if s != "score"))
+        if "not checked" in table[part] and counted:
+            low, high = wilson(killed, len(counted))
+            line += f"; a random sample of the part: its score is {low:.1%} to {high:.1%} (95%)"
+        print(line)
     return table
+
+
+def todo(part, parts, wanted):
+    """The part's mutants whose status is wanted, in one fixed random order (so any prefix is a fair sample)."""
+    done = results()
+    names = sorted(n for n in done if part_of(n, parts) == part)
+    random.Random(0).shuffle(names)
+    return [n for n in names if wanted(n, done[n])]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=("run", "score", "survivors"))
+    p.add_argument("command", choices=("run", "rerun", "score", "survivors"))
     p.add_argument("part", nargs="?", choices=tuple(PARTS), default="article")
+    p.add_argument("--first", type=int, default=None, help="run only this many (the next in the fixed order)")
     p.add_argument("--max-children", type=int, default=2)
     args = p.parse_args(argv)
     os.chdir(ROOT)
     if args.command == "score":
         return score()
-    parts = functions_by_part()
-    if args.command == "run":
-        # mutmut reruns every mutant it is named; name only those of the part it has not checked yet
-        done = results() if (ROOT / "mutants" / "bnn_mnist.py.meta").exists() else {}
-        todo = [n for n, s in done.items() if s == "not checked" and part_of(n, parts) == args.part]
-        globs = todo if done else [f"{prefix}*" for prefix in parts[args.part]]
-        if done and not todo:
-            return score()
-        # one thread per process from the start: workers are forked, and a forked OpenMP pool deadlocks
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        return subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *globs], cwd=ROOT,
-                              env=env).returncode
-    same = equivalents()
-    for name, status in results().items():
-        if status in ("survived", "no tests") and part_of(name, parts) == args.part and name not in same:
-            print(f"# {name}: {status}")
+    parts, same = functions_by_part(), equivalents()
+    if not (ROOT / "mutants" / "bnn_mnist.py.meta").exists():  # a first run: mutmut makes its record
+        globs = [f"{prefix}*" for prefix in parts[args.part]]
+    elif args.command == "run":  # mutmut reruns every mutant it is named: name only the unchecked
+        globs = todo(args.part, parts, lambda n, s: s == "not checked")[:args.first]
+    elif args.command == "rerun":  # the survivors a test written since may kill
+        globs = todo(args.part, parts, lambda n, s: s in ("survived", "no tests") and n not in same)[:args.first]
+    else:
+        for name in todo(args.part, parts, lambda n, s: s in ("survived", "no tests") and n not in same):
+            print(f"# {name}: {results()[name]}")
             subprocess.run(["mutmut", "show", name], cwd=ROOT)
+        return 0
+    if not globs:
+        return score()
+    # one thread per process from the start: workers are forked, and a forked OpenMP pool deadlocks
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *globs], cwd=ROOT,
+                          env=env).returncode
 
 
 if __name__ == "__main__":

@@ -244,7 +244,7 @@ def test_room_for_one_weight_set_is_one_weight_set_at_a_time():
         assert bm.chunk_sizes(net, 10, 5, bound)[0] == 1
 
 
-def test_everything_that_takes_images_follows_the_net_to_its_device():
+def test_everything_that_takes_images_follows_the_net_to_its_device(monkeypatch):
     """net.to(device), then images on the CPU: net(x), weight-set sampling and the per-image sampler all
     compute where the posterior lives (the meta device stands in for a GPU on a machine without one;
     Pyro's argument checks read values, which meta has not, so they are off for the weight sets)."""
@@ -253,7 +253,11 @@ def test_everything_that_takes_images_follows_the_net_to_its_device():
     x = torch.rand(3, 784)
     out = net(x)
     assert out.device.type == "meta" and out.shape == (3, 10)
+    seen = []  # meta mixes with CPU tensors where a GPU would not: look at the images the forward pass gets
+    forward = bm.bnn_forward
+    monkeypatch.setattr(bm, "bnn_forward", lambda w, images: seen.append(images.device.type) or forward(w, images))
     with pyro.validation_enabled(False):
         weight_sets = bm.sample_probs(x, net, 2)
+    assert seen == ["meta"]
     for probs in (weight_sets, bm.sample_probs_local(x, net, 2)):
         assert probs.device.type == "meta" and probs.shape == (2, 3, 10)
