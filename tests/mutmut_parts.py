@@ -2,7 +2,7 @@
 
     python tests/mutmut_parts.py run article        # Parts I and II: the article and "I don't know"
     python tests/mutmut_parts.py run rest --first 400   # Parts III-VII, 400 more (hours in all on 2 cores)
-    python tests/mutmut_parts.py rerun article      # the survivors not listed as equivalent (after new tests)
+    python tests/mutmut_parts.py rerun article      # survivors not listed as equivalent, and the unchecked
     python tests/mutmut_parts.py score              # the score of each part, equivalents set aside
     python tests/mutmut_parts.py survivors article  # each survivor's diff (mutmut show), not yet listed
 
@@ -67,6 +67,40 @@ def part_of(name, parts):
     return next((p for p, prefixes in parts.items() if any(name.startswith(x) for x in prefixes)), None)
 
 
+# Keywords whose value is words for a reader (argparse's help and description): a mutant that changes
+# only these is not behaviour. setup.cfg leaves out help= lines; these sit on a line with a flag's type.
+READER_TEXT = ("help", "description")
+
+
+def function_source(source, name):
+    """The text of `def name(` in source, dedented (mutmut's copies of a function, by name)."""
+    lines = source[source.rindex("\n", 0, source.index(f"def {name}(")) + 1:].splitlines()
+    indent = len(lines[0]) - len(lines[0].lstrip())
+    end = next((i for i, line in enumerate(lines[1:], 1) if line.strip() and len(line) - len(line.lstrip()) <= indent
+                and not line.lstrip().startswith((")", "]", "}"))), len(lines))
+    return "\n".join(line[indent:] for line in lines[:end])
+
+
+def words_for_a_reader_only(name, source):
+    """True when mutant `name` differs from its original only in READER_TEXT keywords' values."""
+    def body(function):
+        tree = ast.parse(function_source(source, function)).body[0]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                node.keywords = [k for k in node.keywords if k.arg not in READER_TEXT]
+        return ast.dump(ast.Module(tree.body, []))
+
+    return body(name.split(".", 1)[1]) == body(name.split(".", 1)[1].rsplit("__mutmut_", 1)[0] + "__mutmut_orig")
+
+
+def set_aside(done):
+    """{mutant: reason} of the survivors that are not bugs: the listed equivalents and help-text changes."""
+    same = equivalents()
+    source = (ROOT / "mutants" / "bnn_mnist.py").read_text()
+    return same | {n: "help text" for n, s in done.items() if s == "survived" and n not in same
+                   and words_for_a_reader_only(n, source)}
+
+
 def wilson(k, n, z=1.96):
     """The 95% interval of a proportion k/n (Wilson's): a sample's score, not the part's."""
     if n == 0:
@@ -76,11 +110,13 @@ def wilson(k, n, z=1.96):
 
 
 def score():
-    parts, done, same = functions_by_part(), results(), equivalents()
+    parts, done = functions_by_part(), results()
+    same = set_aside(done)
     table = {}
     for part in PARTS:
         names = [n for n in done if part_of(n, parts) == part]
-        status = [("equivalent" if n in same else done[n]) for n in names]
+        status = [("help text" if same.get(n) == "help text" else "equivalent" if n in same else done[n])
+                  for n in names]
         counted = [s for s in status if s in ("killed", "survived", "timeout", "no tests", "segfault")]
         killed = sum(s in ("killed", "timeout", "segfault") for s in counted)
         table[part] = {s: status.count(s) for s in sorted(set(status))}
@@ -111,21 +147,24 @@ def main(argv=None):
     args = p.parse_args(argv)
     os.chdir(ROOT)
     if args.command == "score":
-        return score()
-    parts, same = functions_by_part(), equivalents()
+        score()
+        return 0
+    parts = functions_by_part()
+    same = set_aside(results()) if (ROOT / "mutants" / "bnn_mnist.py.meta").exists() else {}
     if not (ROOT / "mutants" / "bnn_mnist.py.meta").exists():  # a first run: mutmut makes its record
         globs = [f"{prefix}*" for prefix in parts[args.part]]
     elif args.command == "run":  # mutmut reruns every mutant it is named: name only the unchecked
         globs = todo(args.part, parts, lambda n, s: s == "not checked")[:args.first]
-    elif args.command == "rerun":  # the survivors a test written since may kill
-        globs = todo(args.part, parts, lambda n, s: s in ("survived", "no tests") and n not in same)[:args.first]
+    elif args.command == "rerun":  # the survivors a test written since may kill (and any unchecked)
+        globs = todo(args.part, parts, lambda n, s: s == "not checked" or
+                     (s in ("survived", "no tests") and n not in same))[:args.first]
     else:
         for name in todo(args.part, parts, lambda n, s: s in ("survived", "no tests") and n not in same):
-            print(f"# {name}: {results()[name]}")
             subprocess.run(["mutmut", "show", name], cwd=ROOT)
         return 0
     if not globs:
-        return score()
+        score()
+        return 0
     # one thread per process from the start: workers are forked, and a forked OpenMP pool deadlocks
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *globs], cwd=ROOT,

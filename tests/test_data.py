@@ -19,6 +19,12 @@ def test_read_idx_round_trip(tmp_path, compress):
     assert np.array_equal(out.numpy(), images)
 
 
+def test_read_idx_reads_each_size_as_four_bytes(tmp_path):
+    images = np.arange(2 * 1 * 70000).astype(np.uint8).reshape(2, 1, 70000)  # a size past two bytes
+    write_idx(tmp_path / "wide", images)
+    assert np.array_equal(bm.read_idx(tmp_path / "wide").numpy(), images)
+
+
 def test_load_mnist_shapes_and_range(data_dir):
     x, y = bm.load_mnist(data_dir, train=True)
     xt, yt = bm.load_mnist(data_dir, train=False)

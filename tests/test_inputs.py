@@ -252,3 +252,16 @@ def test_each_figure_has_the_panels_it_draws_and_no_empty_one():
         assert len(fig.axes) == panels, name
         for ax in fig.axes:
             assert ax.lines or ax.patches or ax.collections or ax.images, name  # each panel draws something
+
+
+def test_the_examples_figure_says_each_verdict_above_its_digit_and_blanks_the_empty_cells():
+    probs = torch.full((4, 3, 10), 0.01)  # (S, N, 10): the samples agree on 7, 2 and 4
+    probs[:, 0, 7], probs[:, 1, 2], probs[:, 2, 4] = 0.91, 0.91, 0.91
+    fig = bm.plot_examples(torch.rand(3, 784), probs, torch.rand(3), torch.tensor([False, True, False]),
+                           labels=torch.tensor([7, 3, -1]), ncols=2)
+    axes = np.array(fig.axes).reshape(4, 2)  # rows: digits, their spreads, digits, their spreads
+    digits = [axes[0, 0], axes[0, 1], axes[2, 0]]
+    assert [ax.get_title() for ax in digits] == ["says 7 (true 7)", "refused (true 3)", "says 4"]
+    assert all(ax.images for ax in digits)
+    assert not axes[2, 1].axison and not axes[3, 1].axison  # the fourth cell holds nothing: no frame, no ticks
+    assert axes[3, 0].axison and axes[3, 0].lines  # the third digit's spread is drawn

@@ -106,3 +106,20 @@ def test_notmnist_offline_is_one_clear_error(tmp_path, monkeypatch):
     (tmp_path / "bad.zip").write_bytes(b"not a zip")
     with pytest.raises(bm.Error, match="download from .* failed"):
         bm.fetch_notmnist(tmp_path / "letters", url=(tmp_path / "bad.zip").as_uri())
+
+
+def test_a_stalled_download_gives_up_within_a_minute_and_an_archive_without_letters_says_so(tmp_path, monkeypatch):
+    import urllib.request
+
+    asked = []
+    real = urllib.request.urlopen
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: asked.append(timeout) or real(url))
+    empty = io.BytesIO()
+    with zipfile.ZipFile(empty, "w") as z:
+        z.writestr("repo-master/README.md", "no letters here")
+    (tmp_path / "empty.zip").write_bytes(empty.getvalue())
+    url = (tmp_path / "empty.zip").as_uri()
+    with pytest.raises(bm.Error) as e:
+        bm.fetch_notmnist(tmp_path / "letters", url=url)
+    assert str(e.value) == f"the archive at {url} holds no not-mnist/<letter>/*.png images"
+    assert len(asked) == 1 and asked[0] is not None and 0 < asked[0] <= 60

@@ -4,6 +4,7 @@ server answering bad requests with a 4xx and good ones correctly, several at onc
 import base64
 import io
 import json
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -285,3 +286,48 @@ def test_predict_names_each_figure_apart_and_a_guide_without_a_rule_is_one_line(
     with pytest.raises(SystemExit) as e:
         bm.main(["predict", str(tmp_path / "a/1.png"), "--guide", str(tmp_path / "bare.pt")])
     assert e.value.code == 1 and "has no refusal rule" in capsys.readouterr().err
+
+
+def test_serve_listens_where_it_says_with_the_samples_asked_and_stops_on_ctrl_c(tmp_path, capsys, monkeypatch):
+    """In a notebook, as from a terminal: the line names the address really listened on, Ctrl-C stops."""
+    import socket
+
+    guide = save_net(tmp_path, trained_like())
+    made, make = [], bm.make_server
+    written = io.BytesIO()  # stdout as a pipe buffers it: the line must be out before serving starts
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(written, encoding="utf-8"))
+
+    def make_then_ctrl_c(net, host, port, num_samples):
+        httpd = make(net, host, 0, num_samples)  # port 0 here: 8000 may be taken on this machine
+        made.append((host, port, num_samples, httpd))
+
+        def serve_a_page_then_ctrl_c():
+            assert written.getvalue().endswith(b"(Ctrl-C stops)\n")  # flushed: a reader of the pipe sees it now
+            thread = threading.Thread(target=type(httpd).serve_forever, args=(httpd,), daemon=True)
+            thread.start()
+            with urllib.request.urlopen(f"http://127.0.0.1:{httpd.server_address[1]}/", timeout=10) as r:
+                assert r.status == 200 and b"<canvas" in r.read()
+            httpd.shutdown()
+            raise KeyboardInterrupt
+        httpd.serve_forever = serve_a_page_then_ctrl_c
+        return httpd
+
+    monkeypatch.setattr(bm, "make_server", make_then_ctrl_c)
+    bm.main(["serve", "--guide", str(guide), "--unc-samples", "7"])
+    bm.main(["serve", "--guide", str(guide), "--port", "0"])
+    assert [m[:3] for m in made] == [("127.0.0.1", 8000, 7), ("127.0.0.1", 0, bm.DEFAULTS.unc_samples)]
+    assert all(type(m[1]) is int for m in made)
+    ports = [m[3].server_address[1] for m in made]
+    sys.stdout.flush()
+    assert written.getvalue().decode() == "".join(f"serving the page on http://127.0.0.1:{port}/  (Ctrl-C stops)\nstopped\n"
+                                              for port in ports)
+    assert all(m[3].socket.fileno() == -1 for m in made)  # closed, the port given back
+    monkeypatch.setattr(bm, "make_server", make)
+    with socket.socket() as taken:  # a port another program holds
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as e:
+            bm.main(["serve", "--guide", str(guide), "--port", str(port)])
+    assert e.value.code == 1
+    assert capsys.readouterr().err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
