@@ -22,6 +22,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +60,12 @@ def results():
     """{mutant name: status} from mutmut's record in mutants/ (mutmut's own names for exit codes)."""
     from mutmut.stats import status_by_exit_code  # reads setup.cfg from the working folder: ROOT
 
-    meta = json.loads((ROOT / "mutants" / "bnn_mnist.py.meta").read_text())
+    for attempt in range(10):  # mutmut rewrites the file while it runs: read it whole
+        try:
+            meta = json.loads((ROOT / "mutants" / "bnn_mnist.py.meta").read_text())
+            break
+        except json.JSONDecodeError:
+            time.sleep(0.5)
     return {k: status_by_exit_code[v] for k, v in meta["exit_code_by_key"].items()}
 
 
@@ -67,9 +73,15 @@ def part_of(name, parts):
     return next((p for p, prefixes in parts.items() if any(name.startswith(x) for x in prefixes)), None)
 
 
-# Keywords whose value is words for a reader (argparse's help and description): a mutant that changes
-# only these is not behaviour. setup.cfg leaves out help= lines; these sit on a line with a flag's type.
+# Not behaviour, told apart from the original function by comparing syntax trees with these left out:
+# words for a reader in argparse (help=, description=: setup.cfg leaves out help= lines, but these
+# also sit on lines with a flag's type and default), and a figure's words and styling, in calls on
+# matplotlib objects (ax.bar(..., color=...), fig.suptitle(...)) and in _figure (its size and ratios).
+# A style chosen by the data (color="red" if refused else "green") is meaning, and stays compared.
 READER_TEXT = ("help", "description")
+FIGURE_STYLE = ("label", "title", "xlabel", "ylabel", "fontsize", "labelsize", "color", "alpha", "ms", "markersize",
+                "lw", "linewidth", "zorder", "shrink", "widths", "figsize", "height_ratios", "width_ratios")
+FIGURE_WORDS = ("suptitle", "set_title", "set_xlabel", "set_ylabel", "text", "legend")
 
 
 def function_source(source, name):
@@ -81,24 +93,39 @@ def function_source(source, name):
     return "\n".join(line[indent:] for line in lines[:end])
 
 
-def words_for_a_reader_only(name, source):
-    """True when mutant `name` differs from its original only in READER_TEXT keywords' values."""
-    def body(function):
-        tree = ast.parse(function_source(source, function)).body[0]
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call):
-                node.keywords = [k for k in node.keywords if k.arg not in READER_TEXT]
-        return ast.dump(ast.Module(tree.body, []))
+def _without(tree, kind):
+    """tree with the calls' parts of `kind` ("help text" or "figure style") taken out."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        if kind == "help text":
+            node.keywords = [k for k in node.keywords if k.arg not in READER_TEXT]
+        elif isinstance(node.func, ast.Attribute) or getattr(node.func, "id", None) == "_figure":
+            node.keywords = [k for k in node.keywords if k.arg not in FIGURE_STYLE or isinstance(k.value, ast.IfExp)]
+            if getattr(node.func, "attr", None) in FIGURE_WORDS:
+                node.args, node.keywords = [], []
+    return ast.dump(ast.Module(tree.body, []))
 
-    return body(name.split(".", 1)[1]) == body(name.split(".", 1)[1].rsplit("__mutmut_", 1)[0] + "__mutmut_orig")
+
+def not_behaviour(name, source):
+    """Why mutant `name` is not behaviour ("help text", "figure style"), or None when it may be."""
+    mutant = name.split(".", 1)[1]
+    original = mutant.rsplit("__mutmut_", 1)[0] + "__mutmut_orig"
+    for kind in ("help text", "figure style"):
+        trees = [ast.parse(function_source(source, f)).body[0] for f in (mutant, original)]
+        if _without(trees[0], kind) == _without(trees[1], kind):
+            return kind
+    return None
 
 
 def set_aside(done):
-    """{mutant: reason} of the survivors that are not bugs: the listed equivalents and help-text changes."""
+    """{mutant: reason} of the survivors that are not bugs: the listed equivalents, help text, figure style."""
     same = equivalents()
     source = (ROOT / "mutants" / "bnn_mnist.py").read_text()
-    return same | {n: "help text" for n, s in done.items() if s == "survived" and n not in same
-                   and words_for_a_reader_only(n, source)}
+    for name, status in done.items():
+        if status == "survived" and name not in same and (why := not_behaviour(name, source)):
+            same[name] = why
+    return same
 
 
 def wilson(k, n, z=1.96):
@@ -115,7 +142,7 @@ def score():
     table = {}
     for part in PARTS:
         names = [n for n in done if part_of(n, parts) == part]
-        status = [("help text" if same.get(n) == "help text" else "equivalent" if n in same else done[n])
+        status = [(same[n] if same.get(n) in ("help text", "figure style") else "equivalent" if n in same else done[n])
                   for n in names]
         counted = [s for s in status if s in ("killed", "survived", "timeout", "no tests", "segfault")]
         killed = sum(s in ("killed", "timeout", "segfault") for s in counted)

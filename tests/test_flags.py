@@ -305,3 +305,24 @@ def test_the_articles_operating_point_refuses_an_eighth_of_same_distribution_dig
     share = (u_f["mutual_information"] > article).mean()
     assert run.m["at_article_operating_point"]["Fashion-MNIST"] == pytest.approx(share) and 0.02 < share < 0.35
     assert 0.3 < run.m["auroc"]["Fashion-MNIST"]["mutual_information"] < 0.7  # told apart by chance only
+
+
+def test_the_runs_figures_get_the_rules_threshold_and_the_digits_true_labels(monkeypatch, tmp_path):
+    """uncertainty_figures hands the histogram the threshold the run refuses at, and the examples
+    figure the MNIST digits' labels (OOD images: none, -1)."""
+    gen = torch.Generator().manual_seed(0)
+    probs = {"MNIST": torch.softmax(torch.randn(5, 10, 10, generator=gen), -1),
+             "noise": torch.softmax(torch.randn(5, 4, 10, generator=gen), -1)}  # (S, N, 10)
+    rule = {"mutual_information": 0.05, "max_prob": 0.4}
+    scores = {n: bm.scores_for(p, rule) for n, p in probs.items()}
+    refused = {n: bm.refuses(scores[n], rule) for n in probs}
+    y = torch.arange(10)
+    seen = {}
+    monkeypatch.setattr(bm, "plot_histograms", lambda s, m, threshold, path: seen.update(threshold=threshold))
+    monkeypatch.setattr(bm, "plot_examples", lambda *a, labels, path: seen.update(labels=labels.tolist()))
+    cfg = bm.Config(measure="max_prob")
+    bm.uncertainty_figures(cfg, torch.rand(10, 784), y, probs, scores, refused, probs["MNIST"].mean(0).argmax(1) == y,
+                           {"noise": torch.rand(4, 784)}, rule, tmp_path)
+    order = scores["MNIST"]["max_prob"].argsort()
+    assert seen["threshold"] == 0.4
+    assert seen["labels"] == [*y[order[:3]].tolist(), *y[order[-3:]].tolist(), -1, -1]

@@ -256,12 +256,42 @@ def test_each_figure_has_the_panels_it_draws_and_no_empty_one():
 
 def test_the_examples_figure_says_each_verdict_above_its_digit_and_blanks_the_empty_cells():
     probs = torch.full((4, 3, 10), 0.01)  # (S, N, 10): the samples agree on 7, 2 and 4
-    probs[:, 0, 7], probs[:, 1, 2], probs[:, 2, 4] = 0.91, 0.91, 0.91
+    probs[:, 0, 7], probs[:, 1, 2], probs[:, 2, 4] = 0.91, 0.91, 0.91  # the first is a 0 read as a 7
     fig = bm.plot_examples(torch.rand(3, 784), probs, torch.rand(3), torch.tensor([False, True, False]),
-                           labels=torch.tensor([7, 3, -1]), ncols=2)
+                           labels=torch.tensor([0, 3, -1]), ncols=2)
     axes = np.array(fig.axes).reshape(4, 2)  # rows: digits, their spreads, digits, their spreads
     digits = [axes[0, 0], axes[0, 1], axes[2, 0]]
-    assert [ax.get_title() for ax in digits] == ["says 7 (true 7)", "refused (true 3)", "says 4"]
+    assert [ax.get_title() for ax in digits] == ["says 7 (true 0)", "refused (true 3)", "says 4"]
     assert all(ax.images for ax in digits)
     assert not axes[2, 1].axison and not axes[3, 1].axison  # the fourth cell holds nothing: no frame, no ticks
     assert axes[3, 0].axison and axes[3, 0].lines  # the third digit's spread is drawn
+
+
+def test_the_reliability_bars_stand_on_their_bins_and_the_title_gives_the_figures_ece():
+    probs = torch.softmax(3 * torch.randn(200, 10, generator=torch.Generator().manual_seed(1)), -1)
+    y = torch.randint(0, 10, (200,), generator=torch.Generator().manual_seed(2))
+    fig = bm.plot_reliability(probs, y, bins=10)
+    count, _, acc = bm.calibration_bins(probs, y, 10)
+    bars = fig.axes[0].patches
+    used = (count > 0).nonzero().flatten().tolist()
+    assert [round(b.get_x() + b.get_width() / 2, 6) for b in bars] == [round((i + 0.5) / 10, 6) for i in used]
+    assert [b.get_height() for b in bars] == pytest.approx(acc[used].tolist())
+    assert f"(ECE {bm.expected_calibration_error(probs, y, 10):.4f})" in fig.axes[0].get_title()
+
+
+def test_the_histograms_draw_the_threshold_on_a_log_axis_that_holds_every_score():
+    scores = {"MNIST": torch.tensor([0.001, 0.01, 0.02]), "noise": torch.tensor([0.3, 0.8])}
+    ax = bm.plot_histograms(scores, "mutual_information", 0.05).axes[0]
+    assert ax.get_xscale() == "log"
+    assert [line.get_xdata()[0] for line in ax.lines] == [0.05]  # the threshold, where refusing starts
+    edges = [p.get_xy()[:, 0] for p in ax.patches]
+    assert min(e.min() for e in edges) <= 0.001 * (1 + 1e-6) and 0.8 <= max(e.max() for e in edges) <= 0.8 * 1.1
+    assert not bm.plot_histograms(scores, "mutual_information", None).axes[0].lines  # no threshold, no line
+
+
+def test_the_pixel_scale_figure_shows_the_stds_on_a_log_scale():
+    from matplotlib.colors import LogNorm
+
+    net = ready_net(8)
+    fig = bm.plot_pixel_scales(net, torch.rand(784))
+    assert isinstance(fig.axes[0].images[0].norm, LogNorm)

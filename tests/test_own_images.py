@@ -331,3 +331,56 @@ def test_serve_listens_where_it_says_with_the_samples_asked_and_stops_on_ctrl_c(
             bm.main(["serve", "--guide", str(guide), "--port", str(port)])
     assert e.value.code == 1
     assert capsys.readouterr().err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+def test_the_page_is_never_cached_and_a_body_without_its_length_is_refused_with_a_reason(server):
+    """A browser must not show an old answer for a new drawing; a request without Content-Length gets 411."""
+    url, _ = server
+    import http.client
+
+    for method, path in (("GET", "/"), ("POST", "/predict")):
+        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+        connection.putrequest(method, path)
+        if method == "POST":
+            connection.putheader("Content-Length", "many")
+        connection.endheaders()
+        response = connection.getresponse()
+        assert response.getheader("Cache-Control") == "no-store"
+        body = response.read()
+        if method == "POST":
+            assert response.status == 411 and json.loads(body) == {"error": "a Content-Length is required"}
+        connection.close()
+
+
+def test_answer_without_a_rule_and_predict_with_a_bad_flag_say_what_to_do(capsys):
+    net = trained_like()
+    net.rule = None  # a net trained by hand, no rule fitted yet
+    with pytest.raises(ValueError) as e:
+        bm.answer(torch.rand(784), net)
+    assert str(e.value) == "this net has no refusal rule: load a guide saved by a run (out/guide.pt)"
+    with pytest.raises(SystemExit) as e:
+        bm.main(["predict", "--samples-please", "x.png"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("usage: bnn_mnist.py predict ")
+
+
+@pytest.mark.parametrize("mode, order", [("I;16", "<u2"), ("I;16L", "<u2"), ("I;16B", ">u2")])
+def test_a_16_bit_scan_in_either_byte_order_reads_as_its_gray_levels(mode, order):
+    picture = np.pad(bar(20, 5), 6) * 0.8 + 0.1  # (32, 17) gray levels
+    levels = (picture * 65535).round()
+    scan = Image.frombytes(mode, picture.shape[::-1], levels.astype(order).tobytes())
+    assert torch.allclose(bm.prepare_image(scan), bm.prepare_image(levels / 65535), atol=1e-4)
+
+
+def test_grainy_paper_is_cut_at_half_the_inks_span_at_most_so_a_faint_stroke_stays():
+    """The grain cut is 6 noise sds of the border, but never above half the ink: on very grainy paper
+    a stroke at 60% of the ink's brightness is still ink (a digit, not an empty picture)."""
+    clean = np.full((40, 40), 0.2, dtype=np.float32)  # a dark ground
+    clean[8:32, 18:22] = 1.0  # the stroke
+    clean[8:11, 10:18] = 0.7  # a faint flag: ink at (0.7 - 0.2) / 0.8 = 62% of the span
+    grainy = clean.copy()
+    grainy[0, ::2] = grainy[-1, ::2] = grainy[:, 0][::2] = 0.1  # the border's grain: +-0.1 around 0.2
+    grainy[0, 1::2] = grainy[-1, 1::2] = 0.3
+    grainy[1::2, 0] = grainy[1::2, -1] = 0.3
+    grainy[::2, -1] = 0.1
+    assert torch.allclose(bm.prepare_image(grainy), bm.prepare_image(clean), atol=1e-5)

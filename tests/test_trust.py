@@ -261,3 +261,19 @@ def test_everything_that_takes_images_follows_the_net_to_its_device(monkeypatch)
     assert seen == ["meta"]
     for probs in (weight_sets, bm.sample_probs_local(x, net, 2)):
         assert probs.device.type == "meta" and probs.shape == (2, 3, 10)
+
+
+def test_files_load_onto_the_device_asked_for_and_a_gpu_checkpoint_keeps_its_cuda_rng(tmp_path):
+    """load_guide(path, device) puts the posterior there (meta stands in for a GPU); a checkpoint written
+    on a GPU carries the CUDA generator's state, handed back as the CPU byte tensor CUDA wants."""
+    net = ready_net(8)
+    bm.save_guide(tmp_path / "guide.pt", net, rule={"mutual_information": 0.1})
+    there = bm.load_guide(tmp_path / "guide.pt", device="meta")
+    assert there.device.type == "meta" and all(p.device.type == "meta" for p in there.parameters())
+    svi, optim = bm.make_svi(net, lr=1e-3)
+    bm.save_checkpoint(tmp_path / "ckpt.pt", {}, net, optim, {"epoch": 1})
+    obj = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    obj["cuda_rng"] = torch.arange(16, dtype=torch.uint8)  # as torch.cuda.get_rng_state() gives it
+    torch.save(obj, tmp_path / "ckpt.pt")
+    back = bm.load_checkpoint(tmp_path / "ckpt.pt")
+    assert torch.equal(back["cuda_rng"], obj["cuda_rng"]) and back["cuda_rng"].device.type == "cpu"
