@@ -168,7 +168,7 @@ def todo(part, parts, wanted):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("command", choices=("run", "rerun", "score", "survivors"))
-    p.add_argument("part", nargs="?", choices=tuple(PARTS), default="article")
+    p.add_argument("part", nargs="?", choices=(*PARTS, "all"), default="article")
     p.add_argument("--first", type=int, default=None, help="run only this many (the next in the fixed order)")
     p.add_argument("--max-children", type=int, default=2)
     args = p.parse_args(argv)
@@ -176,17 +176,20 @@ def main(argv=None):
     if args.command == "score":
         score()
         return 0
-    parts = functions_by_part()
-    same = set_aside(results()) if (ROOT / "mutants" / "bnn_mnist.py.meta").exists() else {}
+    parts, chosen = functions_by_part(), (list(PARTS) if args.part == "all" else [args.part])
     if not (ROOT / "mutants" / "bnn_mnist.py.meta").exists():  # a first run: mutmut makes its record
-        globs = [f"{prefix}*" for prefix in parts[args.part]]
-    elif args.command == "run":  # mutmut reruns every mutant it is named: name only the unchecked
-        globs = todo(args.part, parts, lambda n, s: s == "not checked")[:args.first]
-    elif args.command == "rerun":  # the survivors a test written since may kill (and any unchecked)
-        globs = todo(args.part, parts, lambda n, s: s == "not checked" or
-                     (s in ("survived", "no tests") and n not in same))[:args.first]
+        globs = [f"{prefix}*" for part in chosen for prefix in parts[part]]
+    elif args.command in ("run", "rerun"):  # mutmut reruns every mutant it is named: name only these
+        same = set_aside(results())
+        survived = (lambda n, s: s in ("survived", "no tests") and n not in same) if args.command == "rerun" else None
+        # rerun: the survivors a test written since may kill first, then (as run) the unchecked
+        globs = [n for part in chosen for n in todo(part, parts, lambda n, s: survived and survived(n, s))]
+        globs += [n for part in chosen for n in todo(part, parts, lambda n, s: s == "not checked")]
+        globs = globs[:args.first]
     else:
-        for name in todo(args.part, parts, lambda n, s: s in ("survived", "no tests") and n not in same):
+        same = set_aside(results())
+        for name in [n for part in chosen for n in todo(part, parts, lambda n, s: s in ("survived", "no tests")
+                                                         and n not in same)]:
             subprocess.run(["mutmut", "show", name], cwd=ROOT)
         return 0
     if not globs:

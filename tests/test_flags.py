@@ -326,3 +326,21 @@ def test_the_runs_figures_get_the_rules_threshold_and_the_digits_true_labels(mon
     order = scores["MNIST"]["max_prob"].argsort()
     assert seen["threshold"] == 0.4
     assert seen["labels"] == [*y[order[:3]].tolist(), *y[order[-3:]].tolist(), -1, -1]
+
+
+def test_the_report_states_the_articles_rule_as_a_floor_and_names_each_ood_set_once(capsys):
+    """The median rule refuses at or below its floor; the other measures above their thresholds. MNIST
+    is the reference: the OOD lines name the other sets only."""
+    report = {
+        "abstention": {"MNIST": {"refused": 0.04, "accuracy_accepted": 0.995}, "noise": {"refused": 1.0}},
+        "auroc": {"noise": {"mutual_information": 0.99}}, "near_ood_auroc": {}, "control_auroc": {"noise": 0.5},
+        "selective": {"max_prob": {"accuracy_kept": 0.99, "aurc": 0.001}},
+        "shift": {0: {"accuracy": 0.98, "ece": 0.01, "nll": 0.05}},
+        "at_article_operating_point": {"MNIST": 0.125, "noise": 1.0},
+    }
+    cal = {"nll": 0.06, "brier": 0.03, "ece": 0.002}
+    bm.print_report(bm.Config(), report, cal, {"max_median_prob": 0.2, "mutual_information": 0.15})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == ("refusing when max_median_prob <= 0.2 or mutual_information > 0.15: MNIST refused 4.0%, "
+                        "99.50% right on the rest; noise refused 100.0%")
+    assert lines[-1] == "refusing 12.5% of MNIST test as the article did: noise refused 100.0%"
