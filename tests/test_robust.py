@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -52,8 +53,11 @@ def test_three_epochs_then_resume_two_equals_five_straight(tmp_path, data_dir, c
     base = ["--data-dir", str(data_dir), *TINY]
     straight = bm.main([*base, "--out-dir", str(tmp_path / "a"), "--epochs", "5"])
     bm.main([*base, "--out-dir", str(tmp_path / "b"), "--epochs", "3"])
+    capsys.readouterr()
     resumed = bm.main([*base, "--out-dir", str(tmp_path / "b"), "--epochs", "5", "--resume"])
-    assert "resuming from" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"resuming from {tmp_path / 'b/checkpoint.pt'}: epoch 3" in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == ["4/5", "5/5"]  # no more
     assert metrics_without_timing(straight) == metrics_without_timing(resumed)
     assert_same_params(guide_params(tmp_path / "a/guide.pt"), guide_params(tmp_path / "b/guide.pt"))
 
@@ -159,8 +163,11 @@ def test_resume_refuses_other_settings_and_formats(tmp_path, data_dir, capsys):
         bm.main([*argv, "--resume", "--hidden-size", "24"])
     assert "of shape (16,), but this BNN needs (24,) (a different --hidden-size?)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        bm.main([*argv, "--resume", "--lr", "0.02"])
-    assert "was made with other settings (lr 0.01 -> 0.02)" in capsys.readouterr().err
+        bm.main([*argv, "--resume", "--lr", "0.02", "--batch-size", "16"])
+    assert "was made with other settings (batch_size 32 -> 16, lr 0.01 -> 0.02)" in capsys.readouterr().err
+    bm.main(argv)  # again, without --resume: says what happens to the old checkpoint
+    assert (f"note: starting afresh; {tmp_path / 'checkpoint.pt'} from an earlier run will be replaced "
+            f"(--resume continues it instead)") in capsys.readouterr().out
     obj = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     obj["format"] = "bnn_mnist-checkpoint-0"
     torch.save(obj, tmp_path / "checkpoint.pt")
@@ -168,3 +175,38 @@ def test_resume_refuses_other_settings_and_formats(tmp_path, data_dir, capsys):
         bm.main([*argv, "--resume"])
     assert "has format 'bnn_mnist-checkpoint-0', expected 'bnn_mnist-checkpoint-2'" in capsys.readouterr().err
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 1
+
+
+def test_a_signal_during_training_stops_it_after_the_step_with_a_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+    """SIGTERM in the middle of a run (here: after the first epoch) ends training at once, saved, exit 143."""
+    import signal
+
+    epoch = bm.train_epoch
+
+    def then_a_signal(*a, **k):
+        result = epoch(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)  # caught by the run's handler, which only sets a flag
+        return result
+
+    monkeypatch.setattr(bm, "train_epoch", then_a_signal)
+    with pytest.raises(SystemExit) as e:
+        bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "3", *TINY])
+    assert e.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.startswith("interrupted at epoch 2 step 1;")  # the step under way, then stop
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 1)
+
+
+def test_the_run_starts_from_the_init_asked_and_fits_its_rule_with_the_sampler_asked(tmp_path, data_dir, monkeypatch):
+    import inspect
+
+    asked = []
+    fit = bm.refusal_rule
+    monkeypatch.setattr(bm, "refusal_rule", lambda *a, **k: asked.append(inspect.signature(fit).bind(*a, **k))
+                        or fit(*a, **k))
+    argv = ["--data-dir", str(data_dir), "--epochs", "1", "--max-batches", "1", *TINY]
+    bm.main([*argv, "--out-dir", str(tmp_path / "a"), "--init", "article", "--sampler", "weights"])
+    bm.main([*argv, "--out-dir", str(tmp_path / "b")])
+    assert [b.arguments.get("sampler", "local") for b in asked] == ["weights", "local"]
+    article, torch_init = (bm.load_guide(tmp_path / d / "guide.pt").loc["fc1_weight"].std() for d in "ab")
+    assert article > 0.5 and torch_init < 0.1  # randn (std 1) against PyTorch's 1/sqrt(784)-wide uniform
