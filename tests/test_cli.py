@@ -140,6 +140,13 @@ def test_missing_ood_sets_are_skipped_with_one_line_each(tmp_path, data_dir, cap
     assert not list(out.glob("*.png"))  # --no-plots
 
 
+def test_a_notmnist_folder_given_is_scored_beside_mnist(tmp_path, data_dir, capsys):
+    m = bm.main(list(map(str, ["--data-dir", data_dir, "--out-dir", tmp_path / "out", "--epochs", 1, *SMALL,
+                               "--no-plots", "--ood", "notmnist", "--notmnist-dir", letters(tmp_path / "letters")])))
+    assert m["ood_skipped"] == {} and set(m["auroc"]) == set(m["control_auroc"]) - set(m["near_ood_auroc"]) == {"notMNIST"}
+    assert f"AUROC MNIST vs notMNIST: {m['measure']} " in capsys.readouterr().out
+
+
 def test_out_dir_not_writable(tmp_path, data_dir):
     (tmp_path / "a_file").write_text("x")
     r = run_cli("--data-dir", data_dir, "--out-dir", tmp_path / "a_file" / "out", "--epochs", 1)
