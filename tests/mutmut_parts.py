@@ -74,8 +74,8 @@ def part_of(name, parts):
 
 
 # Not behaviour, told apart from the original function by comparing syntax trees with these left out:
-# words for a reader in argparse (help=, description=: setup.cfg leaves out help= lines, but these
-# also sit on lines with a flag's type and default), and a figure's words and styling, in calls on
+# words for a reader in argparse (help=, description=, a group's title: setup.cfg leaves out help=
+# lines, but these also sit on lines with a flag's type and default), and a figure's words and styling, in calls on
 # matplotlib objects (ax.bar(..., color=...), fig.suptitle(...)) and in _figure (its size and ratios).
 # A style chosen by the data (color="red" if refused else "green") is meaning, and stays compared.
 READER_TEXT = ("help", "description")
@@ -100,6 +100,8 @@ def _without(tree, kind):
             continue
         if kind == "help text":
             node.keywords = [k for k in node.keywords if k.arg not in READER_TEXT]
+            if getattr(node.func, "attr", None) == "add_argument_group":  # its title, a heading in --help
+                node.args = []
         elif isinstance(node.func, ast.Attribute) or getattr(node.func, "id", None) == "_figure":
             node.keywords = [k for k in node.keywords if k.arg not in FIGURE_STYLE or isinstance(k.value, ast.IfExp)]
             if getattr(node.func, "attr", None) in FIGURE_WORDS:

@@ -277,3 +277,8 @@ def test_files_load_onto_the_device_asked_for_and_a_gpu_checkpoint_keeps_its_cud
     torch.save(obj, tmp_path / "ckpt.pt")
     back = bm.load_checkpoint(tmp_path / "ckpt.pt")
     assert torch.equal(back["cuda_rng"], obj["cuda_rng"]) and back["cuda_rng"].device.type == "cpu"
+
+
+def test_an_out_dir_several_folders_deep_is_made_whole(tmp_path):
+    out = bm.prepare_out_dir(tmp_path / "runs" / "2026" / "seed0")
+    assert out.is_dir() and list(out.iterdir()) == []  # the write probe is gone too
