@@ -282,3 +282,15 @@ def test_files_load_onto_the_device_asked_for_and_a_gpu_checkpoint_keeps_its_cud
 def test_an_out_dir_several_folders_deep_is_made_whole(tmp_path):
     out = bm.prepare_out_dir(tmp_path / "runs" / "2026" / "seed0")
     assert out.is_dir() and list(out.iterdir()) == []  # the write probe is gone too
+
+
+def test_a_reader_failing_without_a_message_is_named_by_its_kind(tmp_path, monkeypatch):
+    (tmp_path / "guide.pt").write_bytes(b"cut short")
+
+    def truncated(*a, **k):
+        raise EOFError()  # as pickle does on a file cut short: no message
+
+    monkeypatch.setattr(bm.torch, "load", truncated)
+    with pytest.raises(bm.Error) as e:
+        bm.load_guide(tmp_path / "guide.pt")
+    assert str(e.value) == f"{tmp_path / 'guide.pt'} is not a readable bnn_mnist file (EOFError: EOFError)"

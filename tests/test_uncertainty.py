@@ -77,3 +77,12 @@ def test_predict_or_abstain_refuses_where_samples_disagree():
     rule = {"mutual_information": 0.01, "expected_entropy": 2.0}
     assert (bm.predict_or_abstain(x, net, rule, 30) == -1).all()
     assert (bm.predict_or_abstain(x, net, {"mutual_information": 0.01}, 30) >= 0).all()
+
+
+def test_images_with_equal_scores_are_accepted_in_their_given_order():
+    """Ties (the same score, as max_prob gives for many sure digits) keep their order, so the
+    accuracy-coverage curve is the same on every machine and run."""
+    correct = torch.arange(1000) % 3 == 0  # (B,)
+    cov, acc = bm.accuracy_coverage_curve(torch.zeros(1000), correct)
+    k = torch.arange(1, 1001)
+    assert torch.allclose(acc, correct.float().cumsum(0) / k) and torch.allclose(cov, k / 1000)
