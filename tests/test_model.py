@@ -301,3 +301,21 @@ def test_predictive_gives_the_same_posterior_predictive(small_data):
     theirs = bm.pyro_predictive_prob(xt[:20], net, 3000)
     assert (ours - theirs).abs().mean() < 0.012  # two Monte Carlo estimates of one predictive (noise ~0.004)
     assert (ours - bm.predict_prob(xt[:20], net, 1)).abs().mean() > 0.05  # which one sample is not (~0.1)
+
+
+def test_a_posterior_gone_non_finite_is_one_clear_error_at_the_end_of_training(small_data, monkeypatch):
+    """Without a checkpoint file nothing is saved per epoch: the end of training checks the posterior."""
+    x, y, _, _ = small_data
+    epoch = bm.train_epoch
+
+    def then_a_nan(svi, *a, **k):
+        loss = epoch(svi, *a, **k)
+        with torch.no_grad():
+            net.loc["out_bias"][0] = float("nan")  # the loss was finite, the parameter is not
+        return loss
+
+    net = bm.BNN(784, 8, 10)
+    monkeypatch.setattr(bm, "train_epoch", then_a_nan)
+    with pytest.raises(bm.Error) as e:
+        bm.train(net, x[:64], y[:64], epochs=1, batch_size=64, progress=False, log=lambda *a: None)
+    assert str(e.value) == "a parameter became non-finite (at the end of training)"

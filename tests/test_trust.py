@@ -294,3 +294,10 @@ def test_a_reader_failing_without_a_message_is_named_by_its_kind(tmp_path, monke
     with pytest.raises(bm.Error) as e:
         bm.load_guide(tmp_path / "guide.pt")
     assert str(e.value) == f"{tmp_path / 'guide.pt'} is not a readable bnn_mnist file (EOFError: EOFError)"
+
+
+def test_a_torch_file_that_is_not_ours_says_what_it_holds(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "list.pt")  # loads with weights_only, but is no guide
+    with pytest.raises(bm.Error) as e:
+        bm.load_guide(tmp_path / "list.pt")
+    assert str(e.value) == f"{tmp_path / 'list.pt'} has format 'list', expected '{bm.GUIDE_FORMAT}'"
