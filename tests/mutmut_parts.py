@@ -1,17 +1,19 @@
 """Mutation testing by a tool, by part: mutmut 3 (configured in setup.cfg) over bnn_mnist.py.
 
-    python tests/mutmut_parts.py run article        # Parts I and II: the article and "I don't know"
-    python tests/mutmut_parts.py run rest --first 400   # Parts III-VII, 400 more (hours in all on 2 cores)
-    python tests/mutmut_parts.py rerun article      # survivors not listed as equivalent, and the unchecked
-    python tests/mutmut_parts.py score              # the score of each part, equivalents set aside
-    python tests/mutmut_parts.py survivors article  # each survivor's diff (mutmut show), not yet listed
+    python tests/mutmut_parts.py run article            # Parts I and II: the article and "I don't know"
+    python tests/mutmut_parts.py run rest --first 400   # Parts III-VII, the next 400 (hours in all on 2 cores)
+    python tests/mutmut_parts.py rerun all --first 450  # survivors not set aside (after new tests), then the next
+    python tests/mutmut_parts.py score                  # each part's score, what is set aside apart
+    python tests/mutmut_parts.py survivors rest         # each survivor's diff (mutmut show), not set aside
+    python tests/mutmut_parts.py set-aside              # each survivor kept out of the score, and why
 
-A part is the functions whose definitions lie between its "# Part N." headers. `run` names to mutmut
-the part's unchecked mutants in one fixed random order (seed 0), so a part checked only in part is a
-uniform random sample of it: `score` then gives the sample's score with a 95% interval, and the next
-`run` goes on where the last stopped. mutmut keeps its results in mutants/ (git-ignored). The
-equivalent mutants (no test can tell them from the code) are listed, each with its reason, in
-docs/contributing/mutation/equivalent.txt as "mutant name: reason"; the score leaves them out.
+A part is the functions whose definitions lie between its "# Part N." headers ("all": both). `run`
+names to mutmut the part's unchecked mutants in one fixed random order (seed 0), so the longest run
+of that order checked whole is a uniform random sample of the part: `score` gives its score with a
+95% interval, and the next `run` goes on where the last stopped. mutmut keeps its results in mutants/
+(git-ignored). Set aside from the score: the equivalent mutants listed, each with its reason, in
+docs/contributing/mutation/equivalent.txt ("mutant name: reason"), and survivors that change only
+help text or a figure's words and styling (READER_TEXT, FIGURE_STYLE below).
 """
 
 import argparse
@@ -113,6 +115,8 @@ def not_behaviour(name, source):
     """Why mutant `name` is not behaviour ("help text", "figure style"), or None when it may be."""
     mutant = name.split(".", 1)[1]
     original = mutant.rsplit("__mutmut_", 1)[0] + "__mutmut_orig"
+    if f"def {mutant}(" not in source:  # mutmut is writing the file anew: ask again later
+        return None
     for kind in ("help text", "figure style"):
         trees = [ast.parse(function_source(source, f)).body[0] for f in (mutant, original)]
         if _without(trees[0], kind) == _without(trees[1], kind):
@@ -152,10 +156,17 @@ def score():
         table[part]["score"] = killed / len(counted) if counted else float("nan")
         line = (f"{part}: {killed} of {len(counted)} non-equivalent mutants killed ({table[part]['score']:.1%}); "
                 + ", ".join(f"{s} {c}" for s, c in table[part].items() if s != "score"))
-        if "not checked" in table[part] and counted:
-            low, high = wilson(killed, len(counted))
-            line += f"; a random sample of the part: its score is {low:.1%} to {high:.1%} (95%)"
         print(line)
+        if "not checked" in table[part]:  # the longest run of the fixed random order checked whole: a fair sample
+            order = todo(part, parts, lambda n, s: True)
+            sample = order[:next(i for i, n in enumerate(order) if done[n] == "not checked")]
+            status = [("equivalent" if n in same else done[n]) for n in sample]
+            counted = [s for s in status if s in ("killed", "survived", "timeout", "no tests", "segfault")]
+            k = sum(s in ("killed", "timeout", "segfault") for s in counted)
+            low, high = wilson(k, len(counted))
+            print(f"  a uniform random sample of {part}, its first {len(sample)} mutants in the fixed order: "
+                  f"{k} of {len(counted)} non-equivalent killed ({k / max(1, len(counted)):.1%}); "
+                  f"the part's score lies in {low:.1%} to {high:.1%} (95%, Wilson)")
     return table
 
 
@@ -169,7 +180,7 @@ def todo(part, parts, wanted):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=("run", "rerun", "score", "survivors"))
+    p.add_argument("command", choices=("run", "rerun", "score", "survivors", "set-aside"))
     p.add_argument("part", nargs="?", choices=(*PARTS, "all"), default="article")
     p.add_argument("--first", type=int, default=None, help="run only this many (the next in the fixed order)")
     p.add_argument("--max-children", type=int, default=2)
@@ -177,6 +188,12 @@ def main(argv=None):
     os.chdir(ROOT)
     if args.command == "score":
         score()
+        return 0
+    if args.command == "set-aside":  # each survivor kept out of the score, with its reason
+        done = results()
+        for name, why in sorted(set_aside(done).items()):
+            if done.get(name) == "survived":
+                print(f"{name}: {why}")
         return 0
     parts, chosen = functions_by_part(), (list(PARTS) if args.part == "all" else [args.part])
     if not (ROOT / "mutants" / "bnn_mnist.py.meta").exists():  # a first run: mutmut makes its record
