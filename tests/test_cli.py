@@ -158,3 +158,8 @@ def test_out_dir_not_writable(tmp_path, data_dir):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [f"error: cannot write to --out-dir {tmp_path / 'a_file' / 'out'}: "
                                              f"Not a directory"]
+
+
+def test_the_article_with_its_kl_weight_named_takes_the_whole_data_sets_kl():
+    cfg = bm.parse_args(["--article", "--kl-weight", "0.5"])  # a weight on the whole KL, not per minibatch
+    assert cfg.kl_per_batch is False and cfg.kl_weight == 0.5

@@ -70,8 +70,10 @@ def test_fashion_is_downloaded_once_into_the_data_dir(tmp_path, fashion_mirror):
 def test_fashion_offline_is_one_clear_error(tmp_path, fashion_mirror, monkeypatch):
     for f in fashion_mirror.iterdir():
         f.unlink()  # the server answers 404
-    with pytest.raises(bm.Error, match="Fashion-MNIST test files not found in .* download failed"):
+    with pytest.raises(bm.Error) as e:
         bm.load_fashion(tmp_path / "data")
+    assert str(e.value).startswith(f"Fashion-MNIST test files not found in {tmp_path / 'data/FashionMNIST/raw'} or "
+                                   f"{bm.FASHION_SYSTEM_DIR} and the download failed (")
 
 
 def letters_zip(path, top="bayesian-neural-network-mnist-master"):
@@ -123,3 +125,31 @@ def test_a_stalled_download_gives_up_within_a_minute_and_an_archive_without_lett
         bm.fetch_notmnist(tmp_path / "letters", url=url)
     assert str(e.value) == f"the archive at {url} holds no not-mnist/<letter>/*.png images"
     assert len(asked) == 1 and asked[0] is not None and 0 < asked[0] <= 60
+
+
+def test_fashion_files_that_disagree_or_are_missing_are_named(tmp_path):
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", np.zeros((5, 28, 28)), compress=True)
+    write_idx(folder / "t10k-labels-idx1-ubyte", np.zeros(4))
+    with pytest.raises(bm.Error) as e:
+        bm.load_fashion(tmp_path, folder)
+    assert str(e.value) == (f"{folder / 't10k-images-idx3-ubyte.gz'} has 5 images but "
+                            f"{folder / 't10k-labels-idx1-ubyte'} has 4 labels")
+    with pytest.raises(bm.Error) as e:
+        bm.load_fashion(tmp_path, tmp_path / "none")
+    assert str(e.value) == f"Fashion-MNIST test files not found in {tmp_path / 'none'} (--fashion-dir)"
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(b"")
+    (folder / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b cut short")
+    with pytest.raises(bm.Error) as e:
+        bm.read_idx(folder / "t10k-images-idx3-ubyte.gz")
+    assert str(e.value).startswith(f"cannot read {folder / 't10k-images-idx3-ubyte.gz'}: ")
+
+
+def test_missing_mnist_files_and_a_failed_download_are_one_sentence_with_the_reason(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    e = RuntimeError("Error downloading train-images-idx3-ubyte.gz:\n<urlopen error [Errno -3] no network>")
+    assert bm.mnist_error(raw, True, e) == (
+        f"no MNIST file train-images-idx3-ubyte in {raw} and the download failed (urlopen error [Errno -3] "
+        f"no network); put the four *-ubyte files there, or point --data-dir at a folder holding MNIST/raw/")

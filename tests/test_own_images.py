@@ -6,6 +6,7 @@ import io
 import json
 import sys
 import threading
+from pathlib import Path
 import urllib.error
 import urllib.request
 
@@ -384,3 +385,54 @@ def test_grainy_paper_is_cut_at_half_the_inks_span_at_most_so_a_faint_stroke_sta
     grainy[1::2, 0] = grainy[1::2, -1] = 0.3
     grainy[::2, -1] = 0.1
     assert torch.allclose(bm.prepare_image(grainy), bm.prepare_image(clean), atol=1e-5)
+
+
+def test_describe_says_the_verdict_and_each_score_against_its_threshold():
+    result = {"verdict": "7", "mean": [0.01] * 7 + [0.91] + [0.01] * 2, "rule": {"max_median_prob": 0.2,
+              "mutual_information": 0.15}, "scores": {"max_median_prob": 0.2, "mutual_information": 0.0312}}
+    assert bm.describe(result) == ("7 (mean probability 0.91 for 7; highest class median 0.200 <= 0.2; "
+                                   "mutual information 0.0312 <= threshold 0.1500)")
+    sure = bm.answer(bm.prepare_image(np.pad(bar(20, 5), 5)), never_refuses(trained_like()), 5)
+    assert sure["verdict"] == str(sure["answer"]) and sure["answer"] in range(10)
+
+
+def never_refuses(net):
+    net.rule = {"mutual_information": 10.0}  # no image has that much: every answer is a class
+    return net
+
+
+def test_a_dash_one_pixel_high_stays_one_pixel_high():
+    dash = np.zeros((9, 30), dtype=np.float32)
+    dash[4, 5:25] = 1.0  # a minus sign: 20 x 1
+    rows = bm.prepare_image(dash).reshape(28, 28).sum(1) > 0
+    assert int(rows.sum()) == 1
+
+
+def test_predict_and_serve_look_for_the_runs_guide_and_write_into_its_folder(tmp_path, monkeypatch, capsys):
+    """Without --guide: out/guide.pt, where a default run saves it; figures go to out/predictions/."""
+    monkeypatch.chdir(tmp_path)
+    for command in (["predict", "x.png"], ["serve"]):
+        with pytest.raises(SystemExit):
+            bm.main(command)
+        assert capsys.readouterr().err.startswith(f"error: no trained posterior at {Path('out') / 'guide.pt'}")
+    (tmp_path / "out").mkdir()
+    save_net(tmp_path / "out", trained_like())
+    (tmp_path / "seven.png").write_bytes(png_bytes(np.pad(bar(20, 5), 5)))
+    bm.main(["predict", "seven.png", "--unc-samples", "7"])
+    assert (tmp_path / "out" / "predictions" / "seven.png.png").stat().st_size > 0
+    with pytest.raises(SystemExit) as e:
+        bm.main(["predict", "seven.png", "--unc-samples", "0"])
+    assert e.value.code == 2 and "argument --unc-samples: must be > 0" in capsys.readouterr().err
+
+
+def test_the_page_answers_at_its_two_addresses_with_a_query_and_names_a_wrong_path(server):
+    url, _ = server
+    for path in ("/?v=2", "/index.html", "/index.html?v=2"):
+        with urllib.request.urlopen(url + path, timeout=10) as r:
+            assert r.status == 200 and b"<canvas" in r.read()
+    request = urllib.request.Request(url + "/guess", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=10)
+    with e.value:
+        assert e.value.code == 404 and e.value.headers["Content-Type"] == "application/json"
+        assert json.loads(e.value.read()) == {"error": "not found"}
