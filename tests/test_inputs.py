@@ -264,6 +264,10 @@ def test_the_examples_figure_says_each_verdict_above_its_digit_and_blanks_the_em
     assert [ax.get_title() for ax in digits] == ["says 7 (true 0)", "refused (true 3)", "says 4"]
     assert all(ax.images for ax in digits)
     assert not axes[2, 1].axison and not axes[3, 1].axison  # the fourth cell holds nothing: no frame, no ticks
+    from matplotlib.colors import to_rgba
+
+    frames = [ax.spines["left"].get_edgecolor() for ax in digits]
+    assert frames == [to_rgba("#55a868"), to_rgba("#c44e52"), to_rgba("#55a868")]  # green accepted, red refused
     assert axes[3, 0].axison and axes[3, 0].lines  # the third digit's spread is drawn
 
 
@@ -287,6 +291,8 @@ def test_the_histograms_draw_the_threshold_on_a_log_axis_that_holds_every_score(
     edges = [p.get_xy()[:, 0] for p in ax.patches]
     assert min(e.min() for e in edges) <= 0.001 * (1 + 1e-6) and 0.8 <= max(e.max() for e in edges) <= 0.8 * 1.1
     assert not bm.plot_histograms(scores, "mutual_information", None).axes[0].lines  # no threshold, no line
+    steps = np.unique(np.round(np.log(np.concatenate(edges)), 9))
+    assert len(steps) > 30 and np.allclose(np.diff(steps), np.diff(steps)[0])  # many bins, even on the log axis
 
 
 def test_the_pixel_scale_figure_shows_the_stds_on_a_log_scale():

@@ -436,3 +436,48 @@ def test_the_page_answers_at_its_two_addresses_with_a_query_and_names_a_wrong_pa
     with e.value:
         assert e.value.code == 404 and e.value.headers["Content-Type"] == "application/json"
         assert json.loads(e.value.read()) == {"error": "not found"}
+
+
+def test_a_digit_heavy_at_the_top_is_kept_whole_on_the_canvas():
+    """Centring by mass would push a T's stem off the bottom: it stops at the edge instead."""
+    tee = np.zeros((30, 30), dtype=np.float32)
+    tee[2:6, 3:27] = 1.0  # a heavy bar
+    tee[6:28, 14:16] = 1.0  # a thin stem: the mass sits near the top
+    field = bm.prepare_image(tee).reshape(28, 28)
+    assert int((field.sum(1) > 0).sum()) == 20 and float(field[-1].sum()) > 0  # all 20 rows, down to the edge
+
+
+def test_pictures_up_to_4096_pixels_a_side_are_read_and_larger_ones_refused():
+    line = np.zeros((3, 4096), dtype=np.float32)
+    line[1, 100:4000] = 1.0
+    assert bm.prepare_image(line).sum() > 0
+    with pytest.raises(bm.ImageError, match="at most 4096 x 4096"):
+        bm.prepare_image(np.zeros((3, 4097), dtype=np.float32))
+
+
+def test_a_reader_error_without_words_is_still_one_line(monkeypatch, tmp_path):
+    def silent(*a, **k):
+        raise ValueError()
+
+    monkeypatch.setattr(Image, "open", silent)
+    with pytest.raises(bm.ImageError) as e:
+        bm.prepare_image(png_bytes(np.pad(bar(20, 5), 5)))
+    assert str(e.value) == "not an image (ValueError: )"
+
+
+def test_a_gray_drawing_with_transparency_is_on_white_paper():
+    ink = np.pad(bar(20, 5), 5)  # 1 where drawn
+    drawing = np.stack([np.zeros_like(ink), ink], -1)  # LA: black strokes, transparent elsewhere (gray 0 there too)
+    la = Image.fromarray((drawing * 255).astype(np.uint8), mode="LA")
+    on_paper = 1 - ink  # the same strokes, black on white
+    assert torch.allclose(bm.prepare_image(la), bm.prepare_image(on_paper), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, top, expected", [("F", 0.8, 0.8), ("I", 255, 1.0), ("I", 65535, 1.0),
+                                                 ("I", 2, 2 / 255)])
+def test_a_scans_gray_levels_are_read_on_the_scale_its_values_use(mode, top, expected):
+    """0-1 floats as they are, values up to 255 as 8-bit, above as 16-bit."""
+    picture = np.zeros((10, 10))
+    picture[2:8, 4:6] = top
+    levels = bm._gray_levels(Image.fromarray(picture.astype(np.float32 if mode == "F" else np.int32), mode=mode))
+    assert levels.max() == pytest.approx(expected) and levels.min() == 0
