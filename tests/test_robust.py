@@ -200,13 +200,16 @@ def test_a_signal_during_training_stops_it_after_the_step_with_a_checkpoint(tmp_
 def test_the_run_starts_from_the_init_asked_and_fits_its_rule_with_the_sampler_asked(tmp_path, data_dir, monkeypatch):
     import inspect
 
-    asked = []
-    fit = bm.refusal_rule
-    monkeypatch.setattr(bm, "refusal_rule", lambda *a, **k: asked.append(inspect.signature(fit).bind(*a, **k))
-                        or fit(*a, **k))
+    asked = {"refusal_rule": [], "sample_probs_sets": []}  # the rule's fit and the report's samples
+    for name in asked:
+        real = getattr(bm, name)
+        monkeypatch.setattr(bm, name, lambda *a, real=real, seen=asked[name], **k:
+                            seen.append(inspect.signature(real).bind(*a, **k).arguments.get("sampler", "local"))
+                            or real(*a, **k))
     argv = ["--data-dir", str(data_dir), "--epochs", "1", "--max-batches", "1", *TINY]
-    bm.main([*argv, "--out-dir", str(tmp_path / "a"), "--init", "article", "--sampler", "weights"])
+    m = bm.main([*argv, "--out-dir", str(tmp_path / "a"), "--init", "article", "--sampler", "weights"])
     bm.main([*argv, "--out-dir", str(tmp_path / "b")])
-    assert [b.arguments.get("sampler", "local") for b in asked] == ["weights", "local"]
+    assert asked == {"refusal_rule": ["weights", "local"], "sample_probs_sets": ["weights", "local"]}
+    assert m["sampler"] == "weights"  # and metrics.json says so
     article, torch_init = (bm.load_guide(tmp_path / d / "guide.pt").loc["fc1_weight"].std() for d in "ab")
     assert article > 0.5 and torch_init < 0.1  # randn (std 1) against PyTorch's 1/sqrt(784)-wide uniform
