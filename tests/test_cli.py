@@ -140,6 +140,7 @@ def test_missing_ood_sets_are_skipped_with_one_line_each(tmp_path, data_dir, cap
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 2 and "Fashion-MNIST test files not found" in warnings[0]
     m = json.loads((out / "metrics.json").read_text())
+    assert warnings[0] == f"warning: skipping OOD set fashion: {m['ood_skipped']['fashion']}"  # the reason kept
     assert set(m["ood_skipped"]) == {"fashion", "notmnist"} and m["auroc"] == {}
     assert "MNIST" in m["abstention"] and m["test_accuracy"] > 0
     assert not list(out.glob("*.png"))  # --no-plots
