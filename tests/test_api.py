@@ -173,3 +173,22 @@ def test_training_shows_a_progress_bar_unless_told_not_to(small_data, monkeypatc
     bm.train(bm.BNN(784, H, 10), x, y, epochs=1, max_batches=2, log=lambda *a: None)
     bm.train(bm.BNN(784, H, 10), x, y, epochs=1, max_batches=2, progress=False, log=lambda *a: None)
     assert made == [None, True]
+
+
+def test_the_progress_bar_shows_the_epochs_running_loss_per_example(small_data, monkeypatch):
+    import tqdm.auto
+
+    shown = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+        def set_postfix(self, **kwargs):
+            shown.append(kwargs["loss"])
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    x, y, _, _ = small_data
+    lines = []
+    bm.train(bm.BNN(784, H, 10), x, y, epochs=1, batch_size=16, max_batches=20, log=lines.append)
+    assert shown == [lines[-1].split("loss ")[1].split()[0]]  # step 20, the last: the epoch's own number

@@ -98,6 +98,7 @@ def test_no_data_and_no_network_fails_fast_with_one_line(tmp_path):
     (["--lr", "nan"], "argument --lr: must be > 0, got nan"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["--init", "xavier"], "argument --init: invalid choice: 'xavier'"),
+    (["--average", "mean"], "argument --average: invalid choice: 'mean'"),
     (["--measure", "vibes"], "argument --measure: invalid choice: 'vibes'"),
     (["--threshold", "5"], "argument --threshold: mutual_information lies in [0, 2.303], got 5"),
     (["--measure", "max_prob", "--threshold", "-0.1"], "argument --threshold: max_prob lies in [0, 0.9]"),
@@ -110,8 +111,9 @@ def test_bad_flags_are_argparse_errors(flags, message, capsys):
     assert e.value.code == 2 and err.startswith("usage: bnn_mnist.py") and message in err
 
 
-def test_each_device_named_in_help_is_accepted():
+def test_each_device_and_average_named_in_help_is_accepted():
     assert [bm.parse_args(["--device", d]).device for d in ("auto", "cpu")] == ["auto", "cpu"]
+    assert [bm.parse_args(["--average", a]).average for a in ("probs", "logits")] == ["probs", "logits"]
 
 
 def test_bad_flag_through_the_real_cli_and_absent_cuda(capsys, monkeypatch):

@@ -302,3 +302,4 @@ def test_the_pixel_scale_figure_shows_the_stds_on_a_log_scale():
     net = ready_net(8)
     fig = bm.plot_pixel_scales(net, torch.rand(784))
     assert isinstance(fig.axes[0].images[0].norm, LogNorm)
+    assert len(fig.axes) == 4 and len([ax for ax in fig.axes if ax.images]) == 2  # two panels, each with its bar
