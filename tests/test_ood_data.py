@@ -153,3 +153,11 @@ def test_missing_mnist_files_and_a_failed_download_are_one_sentence_with_the_rea
     assert bm.mnist_error(raw, True, e) == (
         f"no MNIST file train-images-idx3-ubyte in {raw} and the download failed (urlopen error [Errno -3] "
         f"no network); put the four *-ubyte files there, or point --data-dir at a folder holding MNIST/raw/")
+
+
+def test_fashion_images_of_another_size_are_named(tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((3, 32, 32)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(3))
+    with pytest.raises(bm.Error) as e:
+        bm.load_fashion(tmp_path, tmp_path)
+    assert str(e.value) == f"{tmp_path / 't10k-images-idx3-ubyte'} holds images of shape (32, 32), not 28x28"
