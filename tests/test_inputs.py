@@ -1,6 +1,7 @@
 """Bad input to the library functions: a clear ValueError, never garbage."""
 
 import numpy as np
+import pyro
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -303,3 +304,10 @@ def test_the_pixel_scale_figure_shows_the_stds_on_a_log_scale():
     fig = bm.plot_pixel_scales(net, torch.rand(784))
     assert isinstance(fig.axes[0].images[0].norm, LogNorm)
     assert len(fig.axes) == 4 and len([ax for ax in fig.axes if ax.images]) == 2  # two panels, each with its bar
+
+
+def test_one_image_as_28_by_28_or_784_is_one_image(net):
+    image = torch.rand(28, 28)
+    for x in (image, image.flatten()):
+        pyro.set_rng_seed(0)
+        assert bm.predict_prob(x, net, 2).shape == (1, 10)
