@@ -306,8 +306,10 @@ def test_the_pixel_scale_figure_shows_the_stds_on_a_log_scale():
     assert len(fig.axes) == 4 and len([ax for ax in fig.axes if ax.images]) == 2  # two panels, each with its bar
 
 
-def test_one_image_as_28_by_28_or_784_is_one_image(net):
+def test_one_image_where_a_batch_is_taken_says_how_to_make_it_one(net):
     image = torch.rand(28, 28)
-    for x in (image, image.flatten()):
-        pyro.set_rng_seed(0)
-        assert bm.predict_prob(x, net, 2).shape == (1, 10)
+    for x, shape in ((image, "(28, 28)"), (image.flatten(), "(784,)")):
+        with pytest.raises(ValueError) as e:
+            bm.predict_prob(x, net, 2)
+        assert str(e.value) == f"got one image of shape {shape}: pass a batch, e.g. x[None]"
+    assert bm.predict_prob(image[None], net, 2).shape == (1, 10)
