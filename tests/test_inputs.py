@@ -275,14 +275,16 @@ def test_the_examples_figure_says_each_verdict_above_its_digit_and_blanks_the_em
 
 def test_the_reliability_bars_stand_on_their_bins_and_the_title_gives_the_figures_ece():
     probs = torch.softmax(3 * torch.randn(200, 10, generator=torch.Generator().manual_seed(1)), -1)
-    y = torch.randint(0, 10, (200,), generator=torch.Generator().manual_seed(2))
+    y = probs.argmax(1).clone()
+    y[::3] = (y[::3] + 1) % 10  # right on two images in three: some bins over-, some under-confident
     fig = bm.plot_reliability(probs, y, bins=10)
     count, _, acc = bm.calibration_bins(probs, y, 10)
     bars = fig.axes[0].patches
     used = (count > 0).nonzero().flatten().tolist()
     assert [round(b.get_x() + b.get_width() / 2, 6) for b in bars] == [round((i + 0.5) / 10, 6) for i in used]
     assert [b.get_height() for b in bars] == pytest.approx(acc[used].tolist())
-    assert f"(ECE {bm.expected_calibration_error(probs, y, 10):.4f})" in fig.axes[0].get_title()
+    ece = bm.expected_calibration_error(probs, y, 10)
+    assert f"(ECE {ece:.4f})" in fig.axes[0].get_title() and abs(ece - bm.expected_calibration_error(probs, y)) > 1e-3
 
 
 def test_the_histograms_draw_the_threshold_on_a_log_axis_that_holds_every_score():
