@@ -67,6 +67,8 @@ def results():
             meta = json.loads((ROOT / "mutants" / "bnn_mnist.py.meta").read_text())
             break
         except json.JSONDecodeError:
+            if attempt == 9:
+                raise
             time.sleep(0.5)
     return {k: status_by_exit_code[v] for k, v in meta["exit_code_by_key"].items()}
 
@@ -142,6 +144,12 @@ def wilson(k, n, z=1.96):
     return centre - half, centre + half
 
 
+def tally(statuses):
+    """(killed, counted) of mutant statuses: set-aside ones and the unchecked are not counted."""
+    counted = [s for s in statuses if s in ("killed", "survived", "timeout", "no tests", "segfault")]
+    return sum(s in ("killed", "timeout", "segfault") for s in counted), len(counted)
+
+
 def score():
     parts, done = functions_by_part(), results()
     same = set_aside(done)
@@ -150,32 +158,36 @@ def score():
         names = [n for n in done if part_of(n, parts) == part]
         status = [(same[n] if same.get(n) in ("help text", "figure style") else "equivalent" if n in same else done[n])
                   for n in names]
-        counted = [s for s in status if s in ("killed", "survived", "timeout", "no tests", "segfault")]
-        killed = sum(s in ("killed", "timeout", "segfault") for s in counted)
+        killed, counted = tally(status)
         table[part] = {s: status.count(s) for s in sorted(set(status))}
-        table[part]["score"] = killed / len(counted) if counted else float("nan")
-        line = (f"{part}: {killed} of {len(counted)} non-equivalent mutants killed ({table[part]['score']:.1%}); "
-                + ", ".join(f"{s} {c}" for s, c in table[part].items() if s != "score"))
-        print(line)
+        table[part]["score"] = killed / counted if counted else float("nan")
+        print(f"{part}: {killed} of {counted} non-equivalent mutants killed ({table[part]['score']:.1%}); "
+              + ", ".join(f"{s} {c}" for s, c in table[part].items() if s != "score"))
         if "not checked" in table[part]:  # the longest run of the fixed random order checked whole: a fair sample
-            order = todo(part, parts, lambda n, s: True)
+            order = todo(part, parts, done, lambda n, s: True)
             sample = order[:next(i for i, n in enumerate(order) if done[n] == "not checked")]
-            status = [("equivalent" if n in same else done[n]) for n in sample]
-            counted = [s for s in status if s in ("killed", "survived", "timeout", "no tests", "segfault")]
-            k = sum(s in ("killed", "timeout", "segfault") for s in counted)
-            low, high = wilson(k, len(counted))
+            k, n = tally([("equivalent" if name in same else done[name]) for name in sample])
+            low, high = wilson(k, n)
             print(f"  a uniform random sample of {part}, its first {len(sample)} mutants in the fixed order: "
-                  f"{k} of {len(counted)} non-equivalent killed ({k / max(1, len(counted)):.1%}); "
+                  f"{k} of {n} non-equivalent killed ({k / max(1, n):.1%}); "
                   f"the part's score lies in {low:.1%} to {high:.1%} (95%, Wilson)")
     return table
 
 
-def todo(part, parts, wanted):
-    """The part's mutants whose status is wanted, in one fixed random order (so any prefix is a fair sample)."""
-    done = results()
+def todo(part, parts, done, wanted):
+    """The part's mutants whose status (in done) is wanted, in one fixed random order (any prefix: a fair sample)."""
     names = sorted(n for n in done if part_of(n, parts) == part)
     random.Random(0).shuffle(names)
     return [n for n in names if wanted(n, done[n])]
+
+
+def forget_stale_test_reach():
+    """mutmut times (and maps to the functions they reach) only tests it has not seen: a test changed
+    since keeps its old map and is never picked for a function it now reaches. When a test file is newer
+    than mutmut's record, remove the record: the run times every test again (minutes, not hours)."""
+    stats = ROOT / "mutants" / "mutmut-stats.json"
+    if stats.exists() and any(f.stat().st_mtime > stats.stat().st_mtime for f in (ROOT / "tests").glob("*.py")):
+        stats.unlink()
 
 
 def main(argv=None):
@@ -197,20 +209,23 @@ def main(argv=None):
         return 0
     parts, chosen = functions_by_part(), (list(PARTS) if args.part == "all" else [args.part])
     if not (ROOT / "mutants" / "bnn_mnist.py.meta").exists():  # a first run: mutmut makes its record
+        if args.command == "survivors":
+            return 0
         globs = [f"{prefix}*" for part in chosen for prefix in parts[part]]
-    elif args.command in ("run", "rerun"):  # mutmut reruns every mutant it is named: name only these
-        same = set_aside(results())
-        survived = (lambda n, s: s in ("survived", "no tests") and n not in same) if args.command == "rerun" else None
-        # rerun: the survivors a test written since may kill first, then (as run) the unchecked
-        globs = [n for part in chosen for n in todo(part, parts, lambda n, s: survived and survived(n, s))]
-        globs += [n for part in chosen for n in todo(part, parts, lambda n, s: s == "not checked")]
-        globs = globs[:args.first]
     else:
-        same = set_aside(results())
-        for name in [n for part in chosen for n in todo(part, parts, lambda n, s: s in ("survived", "no tests")
-                                                         and n not in same)]:
-            subprocess.run(["mutmut", "show", name], cwd=ROOT)
-        return 0
+        done = results()
+        same = set_aside(done)
+        survivors = [n for part in chosen for n in todo(part, parts, done, lambda n, s: s in ("survived", "no tests")
+                                                         and n not in same)]
+        if args.command == "survivors":
+            for name in survivors:
+                subprocess.run(["mutmut", "show", name], cwd=ROOT)
+            return 0
+        # mutmut reruns every mutant it is named: name only these. rerun: first the survivors a test
+        # written since may kill, then (as run) the unchecked
+        unchecked = [n for part in chosen for n in todo(part, parts, done, lambda n, s: s == "not checked")]
+        globs = ((survivors if args.command == "rerun" else []) + unchecked)[:args.first]
+        forget_stale_test_reach()
     if not globs:
         score()
         return 0
