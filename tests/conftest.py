@@ -71,6 +71,25 @@ def fresh_data_dir(tmp_path):
     return make_mnist_dir(tmp_path / "data")
 
 
+@pytest.fixture
+def progress_bars(monkeypatch):
+    """Training's tqdm bars, hidden: a list of {"kwargs": what the bar was made with, "postfix": [...]}."""
+    import tqdm.auto
+
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            bars.append({"kwargs": kwargs, "postfix": []})
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+        def set_postfix(self, **kwargs):
+            bars[-1]["postfix"].append(kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    return bars
+
+
 @pytest.fixture(autouse=True)
 def pyro_state():
     """Every test starts with an empty param store, seed 0 and Pyro's validation on."""

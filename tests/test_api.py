@@ -156,39 +156,18 @@ def test_resuming_a_trained_net_from_its_checkpoint_is_no_second_train(small_dat
     assert not [t for t in lines if t.startswith("note:")] and len([t for t in lines if t.startswith("epoch")]) == 2
 
 
-def test_training_shows_a_progress_bar_unless_told_not_to(small_data, monkeypatch):
+def test_training_shows_a_progress_bar_unless_told_not_to(small_data, progress_bars):
     """progress=True (the default) leaves the bar to tqdm, which shows it in a terminal; False hides it."""
-    import tqdm.auto
-
-    made = []
-
-    class Bar(tqdm.auto.tqdm):
-        def __init__(self, *args, **kwargs):
-            made.append(kwargs.get("disable"))
-            assert kwargs.get("total") == 2  # the bar counts the epoch's steps (here capped at 2)
-            super().__init__(*args, **{**kwargs, "disable": True})
-
-    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     x, y, _, _ = small_data
     bm.train(bm.BNN(784, H, 10), x, y, epochs=1, max_batches=2, log=lambda *a: None)
     bm.train(bm.BNN(784, H, 10), x, y, epochs=1, max_batches=2, progress=False, log=lambda *a: None)
-    assert made == [None, True]
+    assert [b["kwargs"].get("disable") for b in progress_bars] == [None, True]
+    assert all(b["kwargs"]["total"] == 2 for b in progress_bars)  # the bar counts the epoch's steps (capped at 2)
 
 
-def test_the_progress_bar_shows_the_epochs_running_loss_per_example(small_data, monkeypatch):
-    import tqdm.auto
-
-    shown = []
-
-    class Bar(tqdm.auto.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "disable": True})
-
-        def set_postfix(self, **kwargs):
-            shown.append(kwargs["loss"])
-
-    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+def test_the_progress_bar_shows_the_epochs_running_loss_per_example(small_data, progress_bars):
     x, y, _, _ = small_data
     lines = []
     bm.train(bm.BNN(784, H, 10), x, y, epochs=1, batch_size=16, max_batches=20, log=lines.append)
+    shown = [p["loss"] for p in progress_bars[0]["postfix"]]
     assert shown == [lines[-1].split("loss ")[1].split()[0]]  # step 20, the last: the epoch's own number

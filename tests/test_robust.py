@@ -177,7 +177,8 @@ def test_resume_refuses_other_settings_and_formats(tmp_path, data_dir, capsys):
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 1
 
 
-def test_a_signal_during_training_stops_it_after_the_step_with_a_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+def test_a_signal_during_training_stops_it_after_the_step_with_a_checkpoint(tmp_path, data_dir, monkeypatch, capsys,
+                                                                             progress_bars):
     """SIGTERM in the middle of a run (here: after the first epoch) ends training at once, saved, exit 143."""
     import signal
 
@@ -195,19 +196,11 @@ def test_a_signal_during_training_stops_it_after_the_step_with_a_checkpoint(tmp_
     assert capsys.readouterr().err.startswith("interrupted at epoch 2 step 1;")  # the step under way, then stop
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (1, 1)
-    import tqdm.auto
-
-    bars = []  # resumed mid-epoch, the bar starts at the step reached
-
-    class Bar(tqdm.auto.tqdm):
-        def __init__(self, *a, **k):
-            bars.append((k["desc"], k.get("initial", 0)))
-            super().__init__(*a, **{**k, "disable": True})
-
     monkeypatch.setattr(bm, "train_epoch", epoch)
-    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    before = len(progress_bars)
     bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "3", "--resume", *TINY])
-    assert bars[0] == ("epoch 2/3", 1)
+    first = progress_bars[before]["kwargs"]  # resumed mid-epoch, the bar starts at the step reached
+    assert (first["desc"], first.get("initial", 0)) == ("epoch 2/3", 1)
 
 
 def test_the_run_starts_from_the_init_asked_and_fits_its_rule_with_the_sampler_asked(tmp_path, data_dir, monkeypatch):
