@@ -117,6 +117,41 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, smal
     assert ckpt.read_bytes() == good
 
 
+def test_a_checkpoint_for_another_net_is_named_when_training_resumes_from_it(tmp_path, small_data):
+    """train(net, ..., resume_state=bm.load_checkpoint(path)) in a notebook, with a net of another size."""
+    x, y, _, _ = small_data
+    kw = dict(batch_size=64, progress=False, log=lambda *a: None)
+    bm.train(bm.BNN(784, 16, 10), x, y, epochs=1, checkpoint_path=tmp_path / "c.pt", **kw)
+    with pytest.raises(bm.Error) as e:
+        bm.train(bm.BNN(784, 8, 10), x, y, epochs=2, resume_state=bm.load_checkpoint(tmp_path / "c.pt"), **kw)
+    assert str(e.value) == ("the checkpoint holds loc.fc1_bias of shape (16,), but this BNN needs (8,) "
+                            "(a different --hidden-size?)")
+
+
+def test_a_signal_at_a_step_that_left_a_parameter_non_finite_keeps_the_last_good_checkpoint(tmp_path, small_data,
+                                                                                         monkeypatch):
+    """The loss of a step is computed before its update: a finite loss, then a NaN parameter, then Ctrl-C."""
+    x, y, _, _ = small_data
+    ckpt, epoch = tmp_path / "checkpoint.pt", bm.train_epoch
+    kw = dict(batch_size=64, progress=False, log=lambda *a: None, checkpoint_path=ckpt)
+    net = bm.BNN(784, 16, 10)
+    bm.train(net, x, y, epochs=1, **kw)
+    good = ckpt.read_bytes()
+
+    def nan_at_first_step(svi, x, y, batch_size, state, steps, after_step, kl_per_batch):
+        def after(state, loss):
+            with torch.no_grad():
+                net.loc["out_bias"][0] = float("nan")
+            after_step(state, loss)
+        return epoch(svi, x, y, batch_size, state, steps, after, kl_per_batch)
+
+    monkeypatch.setattr(bm, "train_epoch", nan_at_first_step)
+    with pytest.raises(bm.Error) as e:
+        bm.train(net, x, y, epochs=2, resume_state=bm.load_checkpoint(ckpt), stop_requested=lambda: 2, **kw)
+    assert str(e.value) == "a parameter became non-finite (interrupted; last good checkpoint kept)"
+    assert ckpt.read_bytes() == good
+
+
 def test_diverging_cli_run_exits_with_one_line(tmp_path, data_dir):
     r = subprocess.run([sys.executable, str(ROOT / "bnn_mnist.py"), "--data-dir", str(data_dir),
                         "--out-dir", str(tmp_path), "--epochs", "2", "--lr", "1e30", *TINY[:4], "--val-size", "100"],
