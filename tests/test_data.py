@@ -25,6 +25,21 @@ def test_read_idx_reads_each_size_as_four_bytes(tmp_path):
     assert np.array_equal(bm.read_idx(tmp_path / "wide").numpy(), images)
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda raw: bytes([1]) + raw[1:], "is not an MNIST IDX file of unsigned bytes (wrong magic number)"),
+    (lambda raw: raw[:10], "is truncated (header cut short)"),
+    (lambda raw: raw + b"\0", "is longer than its header says: 3153 bytes, header promises 3152"),
+    (lambda raw: raw[:-1], "is truncated: 3151 bytes, header promises 3152"),
+])
+def test_each_damaged_idx_header_is_named_for_what_is_wrong(tmp_path, change, message):
+    images, _ = synthetic_digits(4)
+    write_idx(tmp_path / "x", images)
+    (tmp_path / "x").write_bytes(change((tmp_path / "x").read_bytes()))
+    with pytest.raises(bm.Error) as e:
+        bm.read_idx(tmp_path / "x")
+    assert str(e.value) == f"{tmp_path / 'x'} {message}"
+
+
 def test_load_mnist_shapes_and_range(data_dir):
     x, y = bm.load_mnist(data_dir, train=True)
     xt, yt = bm.load_mnist(data_dir, train=False)

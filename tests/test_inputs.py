@@ -287,6 +287,13 @@ def test_the_reliability_bars_stand_on_their_bins_and_the_title_gives_the_figure
     assert f"(ECE {ece:.4f})" in fig.axes[0].get_title() and abs(ece - bm.expected_calibration_error(probs, y)) > 1e-3
 
 
+def test_each_sets_histogram_sums_to_one_with_scores_of_zero_in_its_first_bin():
+    """Sets of different sizes on one scale (fractions), and scores of exactly 0 (samples that agree) counted."""
+    scores = {"MNIST": torch.zeros(8), "noise": torch.zeros(3)}
+    ax = bm.plot_histograms(scores, "mutual_information", 0.05).axes[0]
+    assert [p.get_xy()[:, 1].max() for p in ax.patches] == pytest.approx([1.0, 1.0])  # all of each in one bin
+
+
 def test_the_histograms_draw_the_threshold_on_a_log_axis_that_holds_every_score():
     scores = {"MNIST": torch.tensor([0.001, 0.01, 0.02]), "noise": torch.tensor([0.3, 0.8])}
     ax = bm.plot_histograms(scores, "mutual_information", 0.05).axes[0]

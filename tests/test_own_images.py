@@ -4,6 +4,7 @@ server answering bad requests with a 4xx and good ones correctly, several at onc
 import base64
 import io
 import json
+import re
 import sys
 import threading
 from pathlib import Path
@@ -163,23 +164,28 @@ def post(url, body, headers=None):
             return e.code, json.loads(e.read())
 
 
-@pytest.mark.parametrize("body, status, message", [
-    (b"{not json", 400, "not JSON"),
-    ({"image": 3}, 400, "must be a string"),
-    ({"image": "data:image/png;base64,@@@"}, 400, "not base64"),
-    ({"image": base64.b64encode(b"plain text").decode()}, 422, "not an image"),
-    ({"pixels": [[0.1, 0.2], [0.3]]}, 400, "all rows one length"),
-    ({"pixels": [[[0.5]]]}, 400, "rows of numbers"),
-    ({"pixels": [[0.5, 2.0]]}, 422, "finite gray levels in [0, 1]"),
-    (b'{"pixels": [[NaN, 1.0]]}', 422, "finite"),
-    ({"pixels": [[0.0] * 5] * 5}, 422, "no ink"),
-    ({"image": "x", "pixels": [[1]]}, 400, "send"),
-    ([1, 2], 400, "send"),
+ROWS = "pixels must be a non-empty list of rows of numbers, all rows one length"
+LEVELS = "pixels must be finite gray levels in [0, 1]"
+SEND = 'send {"image": "<data URL or base64>"} or {"pixels": [[gray levels]]}'
+
+
+@pytest.mark.parametrize("body, status, message", [  # the whole message; ... stands for a reader's own words
+    (b"{not json", 400, "the body is not JSON: ..."),
+    ({"image": 3}, 400, "image must be a string: a data URL or base64"),
+    ({"image": "data:image/png;base64,@@@"}, 400, "image is not base64"),
+    ({"image": base64.b64encode(b"plain text").decode()}, 422, "not an image (UnidentifiedImageError: ..."),
+    ({"pixels": [[0.1, 0.2], [0.3]]}, 400, ROWS),
+    ({"pixels": [[[0.5]]]}, 400, ROWS),
+    ({"pixels": [[0.5, 2.0]]}, 422, LEVELS),
+    (b'{"pixels": [[NaN, 1.0]]}', 422, LEVELS),
+    ({"pixels": [[0.0] * 5] * 5}, 422, "no ink: the picture is one flat shade"),
+    ({"image": "x", "pixels": [[1]]}, 400, SEND),
+    ([1, 2], 400, SEND),
 ])
 def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(server, body, status, message):
     url, _ = server
     code, reply = post(url, body)
-    assert code == status and message in reply["error"]
+    assert code == status and re.fullmatch(re.escape(message).replace(re.escape("..."), ".+"), reply["error"])
     picture = np.pad(bar(20, 5), 6)
     assert post(url, {"pixels": picture.tolist()})[0] == 200  # still serving
 
@@ -198,8 +204,8 @@ def test_an_oversized_body_a_wrong_path_and_a_file_name_are_refused(server):
     for path in ("/bnn_mnist.py", "/../README.md", "/predict/../guide.pt", "/etc/passwd"):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(url + path, timeout=10)
-        e.value.close()
-        assert e.value.code == 404
+        with e.value:
+            assert e.value.code == 404 and json.loads(e.value.read()) == {"error": "not found"}
     with urllib.request.urlopen(url + "/", timeout=10) as r:
         assert r.status == 200 and b"<canvas" in r.read()
 
@@ -282,6 +288,7 @@ def test_predict_names_each_figure_apart_and_a_guide_without_a_rule_is_one_line(
     bm.main(["predict", str(tmp_path / "a/1.png"), str(tmp_path / "b/1.png"), "--guide", str(guide),
              "--out-dir", str(tmp_path / "o")])
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["1.png-2.png", "1.png.png"]
+    assert capsys.readouterr().out.splitlines()[-1] == f"figures in {tmp_path / 'o'}"
     no_rule = ready_net(16)
     bm.save_guide(tmp_path / "bare.pt", no_rule)
     with pytest.raises(SystemExit) as e:
@@ -348,6 +355,7 @@ def test_the_page_is_never_cached_and_a_body_without_its_length_is_refused_with_
         response = connection.getresponse()
         assert response.getheader("Cache-Control") == "no-store"
         body = response.read()
+        assert int(response.getheader("Content-Length")) == len(body) > 0  # a client keeping the connection needs it
         if method == "POST":
             assert response.status == 411 and json.loads(body) == {"error": "a Content-Length is required"}
         connection.close()
@@ -392,6 +400,9 @@ def test_describe_says_the_verdict_and_each_score_against_its_threshold():
               "mutual_information": 0.15}, "scores": {"max_median_prob": 0.2, "mutual_information": 0.0312}}
     assert bm.describe(result) == ("7 (mean probability 0.91 for 7; highest class median 0.200 <= 0.2; "
                                    "mutual information 0.0312 <= threshold 0.1500)")
+    result["verdict"], result["scores"] = "I don't know", {"max_median_prob": 0.6, "mutual_information": 0.4}
+    assert bm.describe(result) == ("I don't know (mean probability 0.91 for 7; highest class median 0.600 > 0.2; "
+                                   "mutual information 0.4000 > threshold 0.1500)")
     sure = bm.answer(bm.prepare_image(np.pad(bar(20, 5), 5)), never_refuses(trained_like()), 5)
     assert sure["verdict"] == str(sure["answer"]) and sure["answer"] in range(10)
 
@@ -438,13 +449,15 @@ def test_the_page_answers_at_its_two_addresses_with_a_query_and_names_a_wrong_pa
         assert json.loads(e.value.read()) == {"error": "not found"}
 
 
-def test_a_digit_heavy_at_the_top_is_kept_whole_on_the_canvas():
-    """Centring by mass would push a T's stem off the bottom: it stops at the edge instead."""
+@pytest.mark.parametrize("heavy", ["top", "bottom"])
+def test_a_digit_heavy_at_one_end_is_kept_whole_on_the_canvas(heavy):
+    """Centring by mass would push a T's stem off the canvas: it stops at the edge instead."""
     tee = np.zeros((30, 30), dtype=np.float32)
     tee[2:6, 3:27] = 1.0  # a heavy bar
     tee[6:28, 14:16] = 1.0  # a thin stem: the mass sits near the top
-    field = bm.prepare_image(tee).reshape(28, 28)
-    assert int((field.sum(1) > 0).sum()) == 20 and float(field[-1].sum()) > 0  # all 20 rows, down to the edge
+    edge = -1 if heavy == "top" else 0  # the stem's end reaches the bottom edge, or (upside down) the top one
+    field = bm.prepare_image(tee if heavy == "top" else tee[::-1].copy()).reshape(28, 28)
+    assert int((field.sum(1) > 0).sum()) == 20 and float(field[edge].sum()) > 0  # all 20 rows, to the edge
 
 
 def test_pictures_up_to_4096_pixels_a_side_are_read_and_larger_ones_refused():
@@ -453,6 +466,14 @@ def test_pictures_up_to_4096_pixels_a_side_are_read_and_larger_ones_refused():
     assert bm.prepare_image(line).sum() > 0
     with pytest.raises(bm.ImageError, match="at most 4096 x 4096"):
         bm.prepare_image(np.zeros((3, 4097), dtype=np.float32))
+
+
+def test_a_picture_file_over_40_million_pixels_is_refused_before_it_is_decoded():
+    huge = io.BytesIO()
+    Image.new("1", (8000, 5001)).save(huge, format="PNG")  # 5 kB on disk, 40,008,000 pixels
+    with pytest.raises(bm.ImageError) as e:
+        bm.prepare_image(huge.getvalue())
+    assert str(e.value) == "the picture is too large (8000 x 5001 pixels)"
 
 
 def test_a_reader_error_without_words_is_still_one_line(monkeypatch, tmp_path):
@@ -474,9 +495,10 @@ def test_a_gray_drawing_with_transparency_is_on_white_paper():
 
 
 @pytest.mark.parametrize("mode, top, expected", [("F", 0.8, 0.8), ("I", 255, 1.0), ("I", 65535, 1.0),
-                                                 ("I", 2, 2 / 255)])
+                                                 ("I", 2, 2 / 255), ("I", 256, 256 / 65535),
+                                                 ("I", 32768, 32768 / 65535), ("I", 100000, 1.0)])
 def test_a_scans_gray_levels_are_read_on_the_scale_its_values_use(mode, top, expected):
-    """0-1 floats as they are, values up to 255 as 8-bit, above as 16-bit."""
+    """0-1 floats as they are, values up to 255 as 8-bit, above as 16-bit (beyond 16 bits: white)."""
     picture = np.zeros((10, 10))
     picture[2:8, 4:6] = top
     levels = bm._gray_levels(Image.fromarray(picture.astype(np.float32 if mode == "F" else np.int32), mode=mode))
