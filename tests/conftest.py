@@ -73,18 +73,24 @@ def fresh_data_dir(tmp_path):
 
 @pytest.fixture
 def progress_bars(monkeypatch):
-    """Training's tqdm bars, hidden: a list of {"kwargs": what the bar was made with, "postfix": [...]}."""
+    """Training's tqdm bars, hidden: a list of {"kwargs": what the bar was made with, "postfix": [...],
+    "counted": the steps it was moved on by}."""
     import tqdm.auto
 
     bars = []
 
     class Bar(tqdm.auto.tqdm):
         def __init__(self, *args, **kwargs):
-            bars.append({"kwargs": kwargs, "postfix": []})
+            self.record = {"kwargs": kwargs, "postfix": [], "counted": 0}
+            bars.append(self.record)
             super().__init__(*args, **{**kwargs, "disable": True})
 
+        def update(self, n=1):
+            self.record["counted"] += n
+            return super().update(n)
+
         def set_postfix(self, **kwargs):
-            bars[-1]["postfix"].append(kwargs)
+            self.record["postfix"].append(kwargs)
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     return bars

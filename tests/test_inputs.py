@@ -22,7 +22,7 @@ def net():
         (torch.rand(3, 783), r"shape \(B, 784\), \(B, 28, 28\) or \(B, 1, 28, 28\), got \(3, 783\)"),
         (torch.rand(2, 3, 28, 28), r"got \(2, 3, 28, 28\)"),
         (torch.rand(784), "one image of shape"),
-        (torch.rand(0, 784), "empty batch"),
+        (torch.rand(0, 784), "^empty batch: no images to predict$"),
         (torch.rand(2, 784) * 255, r"pixel values must lie in \[0, 1\].*divide 0-255 images by 255"),
         (-torch.rand(2, 784), r"must lie in \[0, 1\]"),
         (torch.full((2, 784), float("nan")), "NaN pixels"),

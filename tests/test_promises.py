@@ -88,7 +88,7 @@ def test_the_readme_flag_table_states_the_configs_defaults():
     ["--ambiguity-quantile", "0.99"], ["--threshold", "0"], ["--threshold", "2.302"],
     ["--measure", "max_prob", "--threshold", "0.9"], ["--measure", "expected_entropy", "--threshold", "2.3"],
     ["--val-size", "0", "--threshold", "0.1", "--ambiguity-quantile", "0"], ["--val-size", "1"],
-    ["--lr", "1e-9"], ["--max-batches", "1"], ["--ood", "none"],
+    ["--lr", "1e-9"], ["--max-batches", "1"], ["--ood", "none"], ["--rule", "median"], ["--rule", "quantiles"],
 ])
 def test_values_on_the_edge_are_accepted(flags):
     bm.parse_args(flags)
@@ -114,6 +114,7 @@ def test_values_on_the_edge_are_accepted(flags):
     (["--lr", "fast"], "argument --lr: not a number: 'fast'"),
     (["--ood", "noise,cifar,svhn"], "argument --ood: unknown set(s) cifar, svhn (choose from"),
     (["--elbo", "exact"], "argument --elbo: invalid choice: 'exact'"),
+    (["--rule", "mean"], "argument --rule: invalid choice: 'mean'"),
 ])
 def test_refused_values_exit_2_with_one_message(flags, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -284,16 +284,21 @@ def test_an_out_dir_several_folders_deep_is_made_whole(tmp_path):
     assert out.is_dir() and list(out.iterdir()) == []  # the write probe is gone too
 
 
-def test_a_reader_failing_without_a_message_is_named_by_its_kind(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure, said", [
+    (EOFError(), "EOFError: EOFError"),  # as pickle does on a file cut short: no message, so its kind
+    (RuntimeError("  PytorchStreamReader failed reading zip archive\nsecond line"),
+     "RuntimeError: PytorchStreamReader failed reading zip archive"),  # a long message: its first line
+])
+def test_a_reader_failing_is_named_by_its_first_line_or_its_kind(tmp_path, monkeypatch, failure, said):
     (tmp_path / "guide.pt").write_bytes(b"cut short")
 
-    def truncated(*a, **k):
-        raise EOFError()  # as pickle does on a file cut short: no message
+    def failing(*a, **k):
+        raise failure
 
-    monkeypatch.setattr(bm.torch, "load", truncated)
+    monkeypatch.setattr(bm.torch, "load", failing)
     with pytest.raises(bm.Error) as e:
         bm.load_guide(tmp_path / "guide.pt")
-    assert str(e.value) == f"{tmp_path / 'guide.pt'} is not a readable bnn_mnist file (EOFError: EOFError)"
+    assert str(e.value) == f"{tmp_path / 'guide.pt'} is not a readable bnn_mnist file ({said})"
 
 
 def test_a_torch_file_that_is_not_ours_says_what_it_holds(tmp_path):
