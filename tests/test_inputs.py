@@ -285,6 +285,8 @@ def test_the_reliability_bars_stand_on_their_bins_and_the_title_gives_the_figure
     assert [b.get_height() for b in bars] == pytest.approx(acc[used].tolist())
     ece = bm.expected_calibration_error(probs, y, 10)
     assert f"(ECE {ece:.4f})" in fig.axes[0].get_title() and abs(ece - bm.expected_calibration_error(probs, y)) > 1e-3
+    diagonal = next(line for line in fig.axes[0].lines if line.get_label() == "perfect calibration")
+    assert list(diagonal.get_xdata()) == [0, 1] and list(diagonal.get_ydata()) == [0, 1]  # what the bars are held to
 
 
 def test_each_sets_histogram_sums_to_one_with_scores_of_zero_in_its_first_bin():
@@ -292,6 +294,8 @@ def test_each_sets_histogram_sums_to_one_with_scores_of_zero_in_its_first_bin():
     scores = {"MNIST": torch.zeros(8), "noise": torch.zeros(3)}
     ax = bm.plot_histograms(scores, "mutual_information", 0.05).axes[0]
     assert [p.get_xy()[:, 1].max() for p in ax.patches] == pytest.approx([1.0, 1.0])  # all of each in one bin
+    drawn = bm.plot_histograms({"MNIST": torch.zeros(8)}, "mutual_information", 1.5).axes[0].patches[0].get_xy()
+    assert drawn[drawn[:, 1] > 0, 0].max() <= 1.5  # below a high threshold, so drawn left of its line
 
 
 def test_the_histograms_draw_the_threshold_on_a_log_axis_that_holds_every_score():

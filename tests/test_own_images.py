@@ -67,6 +67,23 @@ def test_dark_ink_on_light_paper_is_inverted_to_mnists_light_ink_on_black():
     assert same_up_to_a_pixel(from_photo, as_mnist, atol=0.15)  # centring rounds a centre of mass at .5
 
 
+def test_chalk_on_a_gray_board_is_light_ink_and_a_tie_keeps_the_light_strokes():
+    """The ink is whichever extreme lies farther from the ground; at equal distances, MNIST's light ink."""
+    chalk = np.pad(bar(20, 5), 6)
+    assert torch.allclose(bm.prepare_image(0.4 + 0.6 * chalk), bm.prepare_image(chalk), atol=1e-5)
+    light = 0.5 + 0.5 * chalk  # a mid-gray ground, a light stroke: 0.5 above it
+    both = light.copy()
+    both[2:5, 2:30] = 0.0  # and a dark one: 0.5 below it
+    assert torch.equal(bm.prepare_image(both), bm.prepare_image(light))
+
+
+def test_a_digit_cropped_tight_to_its_ink_reads_as_the_same_digit_with_a_margin():
+    """The ground is read from the picture's border: mostly ground even where the ink touches it."""
+    tee = np.zeros((40, 3), dtype=np.float32)
+    tee[0, :] = tee[:, 1] = 1.0  # a narrow T, its bar along the top edge and its stem down the middle
+    assert torch.equal(bm.prepare_image(tee), bm.prepare_image(np.pad(tee, 5)))
+
+
 def test_a_png_file_an_rgba_drawing_and_an_array_give_the_same_input(tmp_path):
     picture = np.zeros((50, 50), dtype=np.float32)
     picture[10:40, 22:28] = 1.0
@@ -496,10 +513,11 @@ def test_a_gray_drawing_with_transparency_is_on_white_paper():
 
 @pytest.mark.parametrize("mode, top, expected", [("F", 0.8, 0.8), ("I", 255, 1.0), ("I", 65535, 1.0),
                                                  ("I", 2, 2 / 255), ("I", 256, 256 / 65535),
-                                                 ("I", 32768, 32768 / 65535), ("I", 100000, 1.0)])
+                                                 ("I", 32768, 32768 / 65535), ("I", 100000, 1.0), ("L", 255, 1.0),
+                                                 ("L", 51, 0.2)])
 def test_a_scans_gray_levels_are_read_on_the_scale_its_values_use(mode, top, expected):
-    """0-1 floats as they are, values up to 255 as 8-bit, above as 16-bit (beyond 16 bits: white)."""
+    """0-1 floats as they are, values up to 255 as 8-bit, above as 16-bit (beyond 16 bits: white); 8-bit: /255."""
     picture = np.zeros((10, 10))
     picture[2:8, 4:6] = top
-    levels = bm._gray_levels(Image.fromarray(picture.astype(np.float32 if mode == "F" else np.int32), mode=mode))
+    levels = bm._gray_levels(Image.fromarray(picture.astype({"F": np.float32, "I": np.int32, "L": np.uint8}[mode]), mode=mode))
     assert levels.max() == pytest.approx(expected) and levels.min() == 0
