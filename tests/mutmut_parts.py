@@ -8,10 +8,11 @@
     python tests/mutmut_parts.py set-aside              # each survivor kept out of the score, and why
 
 A part is the functions whose definitions lie between its "# Part N." headers ("all": both). `run`
-names to mutmut the part's unchecked mutants in one fixed random order (seed 0), so the longest run
-of that order checked whole is a uniform random sample of the part: `score` gives its score with a
-95% interval, and the next `run` goes on where the last stopped. mutmut keeps its results in mutants/
-(git-ignored). Set aside from the score: the equivalent mutants listed, each with its reason, in
+names to mutmut the part's unchecked mutants in one fixed random order (seed 0, kept in
+mutants/order.json: a function changed later has its new mutants put in at random places, the rest
+keep their order), so the longest run of that order checked whole is a uniform random sample of the
+part: `score` gives its score with a 95% interval, and the next `run` goes on where the last stopped
+(first the changed function's mutants in that run). mutmut keeps its results in mutants/ (git-ignored). Set aside from the score: the equivalent mutants listed, each with its reason, in
 docs/contributing/mutation/equivalent.txt ("mutant name: reason"), and survivors that change only
 help text or a figure's words and styling (READER_TEXT, FIGURE_STYLE below).
 """
@@ -175,10 +176,27 @@ def score():
 
 
 def todo(part, parts, done, wanted):
-    """The part's mutants whose status (in done) is wanted, in one fixed random order (any prefix: a fair sample)."""
-    names = sorted(n for n in done if part_of(n, parts) == part)
-    random.Random(0).shuffle(names)
-    return [n for n in names if wanted(n, done[n])]
+    """The part's mutants whose status (in done) is wanted, in its fixed random order (any prefix: a fair sample)."""
+    return [n for n in fixed_order(part, [n for n in done if part_of(n, parts) == part]) if wanted(n, done[n])]
+
+
+def fixed_order(part, names):
+    """The part's mutants in one random order, kept in mutants/order.json from the first call (seed 0).
+
+    A function changed since gets its mutants afresh from mutmut (unchecked): names new to the order go
+    in at random places, so the order of every other mutant, and the sample it gives, stays."""
+    path = ROOT / "mutants" / "order.json"
+    orders = json.loads(path.read_text()) if path.exists() else {}
+    order = orders.get(part) or sorted(names)
+    if part not in orders:
+        random.Random(0).shuffle(order)
+    known, present, rng = set(order), set(names), random.Random(len(order))
+    for name in sorted(present - known):
+        order.insert(rng.randrange(len(order) + 1), name)
+    order = [n for n in order if n in present]
+    if orders.get(part) != order:
+        path.write_text(json.dumps({**orders, part: order}))
+    return order
 
 
 def forget_stale_test_reach():
