@@ -976,8 +976,8 @@ def plot_histograms(scores, measure, threshold, path=None):
     values = {name: score.detach().cpu().double().numpy() for name, score in scores.items()}
     everything = np.concatenate(list(values.values()))
     marks = [] if threshold is None else [threshold]  # None: a rule on another score (the article's)
-    lo = max(1e-6, min([*marks, everything[everything > 0].min(initial=1.0)]))
-    hi = max([*marks, everything.max()]) * 1.05
+    lo = max(1e-6, min([*marks, everything[everything > 0].min(initial=1e-6)]))  # a score of 0 is drawn at lo
+    hi = max([*marks, everything.max(), 10 * lo]) * 1.05  # at least a decade, also when every score is 0
     edges = np.logspace(np.log10(lo), np.log10(hi), 60)
     for name, v in values.items():
         ax.hist(np.clip(v, lo, None), bins=edges, histtype="stepfilled", alpha=0.35, density=False,
@@ -1126,6 +1126,8 @@ def check_labelled(images, labels, img_path, lbl_path):
     """The checks torchvision lacks: 28x28 images (N, 28, 28), as many labels (N,), labels 0-9."""
     if images.dim() != 3 or images.shape[1:] != (28, 28):
         raise Error(f"{img_path} holds images of shape {tuple(images.shape[1:])}, not 28x28")
+    if len(images) == 0:
+        raise Error(f"{img_path} holds no images")
     if len(images) != len(labels):
         raise Error(f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels")
     if len(labels) and labels.max() >= CLASSES:
@@ -1183,7 +1185,8 @@ def read_idx(path):
     if len(raw) != expected:
         kind = "truncated" if len(raw) < expected else "longer than its header says"
         raise Error(f"{path} is {kind}: {len(raw)} bytes, header promises {expected}")
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=4 + 4 * ndim).view(*shape)
+    data = bytearray(raw[4 + 4 * ndim :])  # torch.frombuffer refuses an empty buffer: a file of 0 images
+    return (torch.frombuffer(data, dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)).view(*shape)
 
 
 def _find(folder, name):

@@ -1,5 +1,7 @@
 """Bad input to the library functions: a clear ValueError, never garbage."""
 
+import warnings
+
 import numpy as np
 import pyro
 import pytest
@@ -296,6 +298,11 @@ def test_each_sets_histogram_sums_to_one_with_scores_of_zero_in_its_first_bin():
     assert [p.get_xy()[:, 1].max() for p in ax.patches] == pytest.approx([1.0, 1.0])  # all of each in one bin
     drawn = bm.plot_histograms({"MNIST": torch.zeros(8)}, "mutual_information", 1.5).axes[0].patches[0].get_xy()
     assert drawn[drawn[:, 1] > 0, 0].max() <= 1.5  # below a high threshold, so drawn left of its line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of an axis it cannot draw on a log scale
+        ax = bm.plot_histograms({"MNIST": torch.zeros(8)}, "mutual_information", None).axes[0]
+    low, high = ax.get_xlim()
+    assert [p.get_xy()[:, 1].max() for p in ax.patches] == [1.0] and 0 < low < high  # no threshold: still drawn
 
 
 def test_the_histograms_draw_the_threshold_on_a_log_axis_that_holds_every_score():

@@ -161,3 +161,8 @@ def test_fashion_images_of_another_size_are_named(tmp_path):
     with pytest.raises(bm.Error) as e:
         bm.load_fashion(tmp_path, tmp_path)
     assert str(e.value) == f"{tmp_path / 't10k-images-idx3-ubyte'} holds images of shape (32, 32), not 28x28"
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(0))
+    with pytest.raises(bm.Error) as e:
+        bm.load_fashion(tmp_path, tmp_path)
+    assert str(e.value) == f"{tmp_path / 't10k-images-idx3-ubyte'} holds no images"
