@@ -74,6 +74,8 @@ def test_risk_coverage_by_hand():
     r = bm.risk_coverage(score, correct, keep=0.5)
     assert r["aurc"] == pytest.approx((0 + 0 + 1 / 3 + 1 / 4) / 4) and r["accuracy_kept"] == 1.0
     assert bm.risk_coverage(score, correct, keep=0.75)["accuracy_kept"] == pytest.approx(2 / 3)
+    second_wrong = torch.tensor([True, True, True, False])  # image 3, the second most certain, is wrong
+    assert [bm.risk_coverage(score, second_wrong, keep=k)["accuracy_kept"] for k in (0.1, 0.25, 0.5)] == [1, 1, 0.5]
     # ranking the error first is worse; ranking it last is the best any score can do
     assert bm.risk_coverage(torch.tensor([1.0, 2, 0, 3]), correct)["aurc"] > r["aurc"]
     assert bm.risk_coverage(torch.tensor([0.0, 1, 9, 2]), correct)["aurc"] == pytest.approx(1 / 4 / 4)
