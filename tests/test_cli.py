@@ -163,6 +163,14 @@ def test_out_dir_not_writable(tmp_path, data_dir):
                                              f"Not a directory"]
 
 
+def test_the_recipe_help_prints_for_article_is_a_command_line_for_the_same_run(monkeypatch):
+    """A reader copies the flags --help lists for --article: they must parse to what --article sets."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line: argparse wraps long help at hyphens
+    text = bm.build_parser().format_help().split("the article's recipe as written: ")[1].split(" (flags given")[0]
+    flags = [token for flag in text.split(", ") for token in flag.split()]
+    assert len(flags) > 20 and vars(bm.parse_args(flags)) == vars(bm.parse_args(["--article"]))
+
+
 def test_the_article_with_its_kl_weight_named_takes_the_whole_data_sets_kl():
     cfg = bm.parse_args(["--article", "--kl-weight", "0.5"])  # a weight on the whole KL, not per minibatch
     assert cfg.kl_per_batch is False and cfg.kl_weight == 0.5
