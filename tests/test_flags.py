@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import bnn_mnist as bm
-from conftest import TINY, make_mnist_dir, synthetic_digits
+from conftest import TINY, make_mnist_dir, ready_net, synthetic_digits
 
 EPS = 1e-12
 
@@ -305,6 +305,17 @@ def test_the_articles_operating_point_refuses_an_eighth_of_same_distribution_dig
     share = (u_f["mutual_information"] > article).mean()
     assert run.m["at_article_operating_point"]["Fashion-MNIST"] == pytest.approx(share) and 0.02 < share < 0.35
     assert 0.3 < run.m["auroc"]["Fashion-MNIST"]["mutual_information"] < 0.7  # told apart by chance only
+
+
+def test_a_set_scoring_exactly_at_the_articles_threshold_is_not_refused_by_it(monkeypatch):
+    """The article refuses above the 87.5% quantile of MNIST's scores: a score equal to it is kept."""
+    same = torch.full((3, 1, 10), 0.1)  # every image of every set: one prediction, so one score
+    monkeypatch.setattr(bm, "sample_probs_sets", lambda sets, net, s, sampler: {n: same.expand(3, len(x), 10)
+                                                                               for n, x in sets.items()})
+    cfg = bm.Config(ood="noise", noise_count=8, shift_size=4, no_plots=True, unc_samples=3)
+    x, y = torch.rand(20, 784), torch.randint(0, 10, (20,))
+    report = bm.uncertainty_report(cfg, ready_net(8), x, y, {"mutual_information": 0.5}, "cpu", None, torch.rand(784))
+    assert report["at_article_operating_point"] == {"MNIST": 0.125, "noise": 0.0}
 
 
 def test_the_runs_figures_get_the_rules_threshold_and_the_digits_true_labels(monkeypatch, tmp_path):

@@ -257,6 +257,13 @@ def test_each_figure_has_the_panels_it_draws_and_no_empty_one():
             assert ax.lines or ax.patches or ax.collections or ax.images, name  # each panel draws something
 
 
+def test_the_coverage_curve_is_drawn_against_coverage():
+    score, correct = torch.tensor([0.4, 0.1, 0.3, 0.2]), torch.tensor([True, True, False, True])
+    line = bm.plot_coverage(score, correct, score > 0.35, "max_prob").axes[0].lines[0]
+    cov, acc = bm.accuracy_coverage_curve(score, correct)
+    assert list(line.get_xdata()) == cov.tolist() == [0.25, 0.5, 0.75, 1.0] and list(line.get_ydata()) == acc.tolist()
+
+
 def test_the_examples_figure_says_each_verdict_above_its_digit_and_blanks_the_empty_cells():
     probs = torch.full((4, 3, 10), 0.01)  # (S, N, 10): the samples agree on 7, 2 and 4
     probs[:, 0, 7], probs[:, 1, 2], probs[:, 2, 4] = 0.91, 0.91, 0.91  # the first is a 0 read as a 7

@@ -188,6 +188,7 @@ SEND = 'send {"image": "<data URL or base64>"} or {"pixels": [[gray levels]]}'
 
 @pytest.mark.parametrize("body, status, message", [  # the whole message; ... stands for a reader's own words
     (b"{not json", 400, "the body is not JSON: ..."),
+    (b"", 400, "the body is not JSON: ..."),  # an empty body is not too large
     ({"image": 3}, 400, "image must be a string: a data URL or base64"),
     ({"image": "data:image/png;base64,@@@"}, 400, "image is not base64"),
     ({"image": base64.b64encode(b"plain text").decode()}, 422, "not an image (UnidentifiedImageError: ..."),
@@ -305,6 +306,9 @@ def test_predict_names_each_figure_apart_and_a_guide_without_a_rule_is_one_line(
     bm.main(["predict", str(tmp_path / "a/1.png"), str(tmp_path / "b/1.png"), "--guide", str(guide),
              "--out-dir", str(tmp_path / "o")])
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["1.png-2.png", "1.png.png"]
+    answers = bm.predict_files([tmp_path / "a/1.png"], bm.load_trained(guide), 5, log=lambda *a: None)
+    prepared = answers[tmp_path / "a/1.png"]["prepared"]  # what the net saw, for a notebook to draw
+    assert torch.equal(prepared, bm.prepare_image(tmp_path / "a/1.png"))
     assert capsys.readouterr().out.splitlines()[-1] == f"figures in {tmp_path / 'o'}"
     no_rule = ready_net(16)
     bm.save_guide(tmp_path / "bare.pt", no_rule)
@@ -358,6 +362,26 @@ def test_serve_listens_where_it_says_with_the_samples_asked_and_stops_on_ctrl_c(
     assert capsys.readouterr().err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
 
 
+def test_stopping_the_server_does_not_wait_for_a_connection_left_open():
+    """Ctrl-C ends `serve` at once even while a browser holds a connection open, its request unfinished."""
+    import socket
+    import time
+
+    httpd = bm.make_server(trained_like(), port=0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    idle = socket.create_connection(httpd.server_address, timeout=10)
+    try:
+        idle.sendall(b"GET / HTTP/1.1\r\n")  # headers never finished: its handler waits for them
+        time.sleep(0.3)  # accepted, handler started
+        httpd.shutdown()
+        closing = threading.Thread(target=httpd.server_close)
+        closing.start()
+        closing.join(5)
+        assert not closing.is_alive()
+    finally:
+        idle.close()
+
+
 def test_the_page_is_never_cached_and_a_body_without_its_length_is_refused_with_a_reason(server):
     """A browser must not show an old answer for a new drawing; a request without Content-Length gets 411."""
     url, _ = server
@@ -388,6 +412,9 @@ def test_answer_without_a_rule_and_predict_with_a_bad_flag_say_what_to_do(capsys
         bm.main(["predict", "--samples-please", "x.png"])
     assert e.value.code == 2
     assert capsys.readouterr().err.startswith("usage: bnn_mnist.py predict ")
+    with pytest.raises(SystemExit) as e:
+        bm.main(["serve", "--port", "http"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("usage: bnn_mnist.py serve ")
 
 
 @pytest.mark.parametrize("mode, order", [("I;16", "<u2"), ("I;16L", "<u2"), ("I;16B", ">u2")])
@@ -412,6 +439,17 @@ def test_grainy_paper_is_cut_at_half_the_inks_span_at_most_so_a_faint_stroke_sta
     assert torch.allclose(bm.prepare_image(grainy), bm.prepare_image(clean), atol=1e-5)
 
 
+def test_slightly_grainy_paper_is_cut_at_six_robust_sds_of_its_border_so_a_faint_stroke_above_stays():
+    """The border's spread (1.4826 x its median absolute deviation: a normal sd) sets the cut, not a guess."""
+    clean = np.full((40, 40), 0.2, dtype=np.float32)  # a dark ground
+    clean[8:32, 18:22] = 1.0  # the stroke
+    clean[8:11, 10:18] = 0.32  # a faint flag: ink at 0.12 / 0.8 = 15% of the span
+    grain = np.where(np.add.outer(np.arange(40), np.arange(40)) % 2 == 0, 0.19, 0.21)  # as many of each on the border
+    grainy = clean.copy()  # grain +-0.01: sd 0.0148 of 0.8, six of them 11% of the span, under the flag's 15%
+    grainy[[0, -1]], grainy[:, [0, -1]] = grain[[0, -1]], grain[:, [0, -1]]
+    assert torch.allclose(bm.prepare_image(grainy), bm.prepare_image(clean), atol=1e-5)
+
+
 def test_describe_says_the_verdict_and_each_score_against_its_threshold():
     result = {"verdict": "7", "mean": [0.01] * 7 + [0.91] + [0.01] * 2, "rule": {"max_median_prob": 0.2,
               "mutual_information": 0.15}, "scores": {"max_median_prob": 0.2, "mutual_information": 0.0312}}
@@ -420,6 +458,8 @@ def test_describe_says_the_verdict_and_each_score_against_its_threshold():
     result["verdict"], result["scores"] = "I don't know", {"max_median_prob": 0.6, "mutual_information": 0.4}
     assert bm.describe(result) == ("I don't know (mean probability 0.91 for 7; highest class median 0.600 > 0.2; "
                                    "mutual information 0.4000 > threshold 0.1500)")
+    result["verdict"], result["scores"] = "7", {"max_median_prob": 0.2, "mutual_information": 0.15}
+    assert bm.describe(result).endswith("mutual information 0.1500 <= threshold 0.1500)")  # at it: accepted
     sure = bm.answer(bm.prepare_image(np.pad(bar(20, 5), 5)), never_refuses(trained_like()), 5)
     assert sure["verdict"] == str(sure["answer"]) and sure["answer"] in range(10)
 
@@ -466,14 +506,17 @@ def test_the_page_answers_at_its_two_addresses_with_a_query_and_names_a_wrong_pa
         assert json.loads(e.value.read()) == {"error": "not found"}
 
 
-@pytest.mark.parametrize("heavy", ["top", "bottom"])
+@pytest.mark.parametrize("heavy", ["top", "bottom", "left", "right"])
 def test_a_digit_heavy_at_one_end_is_kept_whole_on_the_canvas(heavy):
     """Centring by mass would push a T's stem off the canvas: it stops at the edge instead."""
     tee = np.zeros((30, 30), dtype=np.float32)
     tee[2:6, 3:27] = 1.0  # a heavy bar
     tee[6:28, 14:16] = 1.0  # a thin stem: the mass sits near the top
-    edge = -1 if heavy == "top" else 0  # the stem's end reaches the bottom edge, or (upside down) the top one
-    field = bm.prepare_image(tee if heavy == "top" else tee[::-1].copy()).reshape(28, 28)
+    turned = {"top": tee, "bottom": tee[::-1], "left": tee.T, "right": tee.T[:, ::-1]}[heavy]
+    field = bm.prepare_image(turned.copy()).reshape(28, 28)
+    if heavy in ("left", "right"):
+        field = field.T  # columns as rows
+    edge = -1 if heavy in ("top", "left") else 0  # the stem's end reaches the far edge
     assert int((field.sum(1) > 0).sum()) == 20 and float(field[edge].sum()) > 0  # all 20 rows, to the edge
 
 
@@ -514,9 +557,10 @@ def test_a_gray_drawing_with_transparency_is_on_white_paper():
 @pytest.mark.parametrize("mode, top, expected", [("F", 0.8, 0.8), ("I", 255, 1.0), ("I", 65535, 1.0),
                                                  ("I", 2, 2 / 255), ("I", 256, 256 / 65535),
                                                  ("I", 32768, 32768 / 65535), ("I", 100000, 1.0), ("L", 255, 1.0),
-                                                 ("L", 51, 0.2)])
+                                                 ("L", 51, 0.2), ("F", -0.5, 0.0)])
 def test_a_scans_gray_levels_are_read_on_the_scale_its_values_use(mode, top, expected):
-    """0-1 floats as they are, values up to 255 as 8-bit, above as 16-bit (beyond 16 bits: white); 8-bit: /255."""
+    """0-1 floats as they are (below 0: black), values up to 255 as 8-bit, above as 16-bit (beyond 16 bits:
+    white); 8-bit: /255."""
     picture = np.zeros((10, 10))
     picture[2:8, 4:6] = top
     levels = bm._gray_levels(Image.fromarray(picture.astype({"F": np.float32, "I": np.int32, "L": np.uint8}[mode]), mode=mode))

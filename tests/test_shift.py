@@ -123,6 +123,7 @@ def test_shift_and_pixel_scale_figures(tmp_path):
     acc_ax, ece_ax = fig.axes[:2]
     assert [line.get_label() for line in ece_ax.get_lines()] == ["a", "b"]
     assert list(acc_ax.get_lines()[0].get_ydata()) == [1 - a / 200 for a in bm.SHIFT_ANGLES]
+    assert len(fig.axes) == 2 and list(acc_ax.get_lines()[0].get_xdata()) == list(bm.SHIFT_ANGLES)  # x: degrees
     net = ready_net()
     with torch.no_grad():
         net.rho["fc1_weight"][:, 5] = bm.inverse_softplus(0.7)  # one pixel's weights all wide
