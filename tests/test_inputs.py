@@ -31,7 +31,7 @@ def net():
         (torch.full((2, 784), float("inf")), r"must lie in \[0, 1\]"),
         (torch.ones(2, 784, dtype=torch.int32), "float in \\[0, 1\\] or uint8"),
         (torch.ones(2, 784, dtype=torch.bool), "dtype torch.bool"),
-        ("an image", "tensor or array"),
+        ("an image", "^images must be a tensor or array, got str: "),
     ],
 )
 def test_bad_images_raise_a_clear_value_error(net, x, message):

@@ -122,6 +122,15 @@ def test_refused_values_exit_2_with_one_message(flags, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_cuda_asked_where_there_is_none_is_one_argparse_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        bm.parse_args(["--device", "cuda"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == ("bnn_mnist.py: error: argument --device: cuda was asked for "
+                                                        "but no CUDA device is available")
+
+
 @pytest.mark.parametrize("text, sets", [("none", ""), (" noise , fashion ", "noise,fashion"), ("notmnist,", "notmnist"),
                                         ("fashion,notmnist,noise", "fashion,notmnist,noise")])
 def test_ood_list_is_parsed(text, sets):
