@@ -57,6 +57,12 @@ def test_a_shifted_digit_is_cropped_fitted_into_20_pixels_and_centred_by_mass():
     assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5  # as MNIST's digits
 
 
+def test_a_bar_already_20_pixels_long_keeps_its_size_exactly():
+    """Cropped to the ink on all four sides, nothing more and nothing less: 20 x 5 stays 20 x 5."""
+    field = bm.prepare_image(np.pad(bar(20, 5), ((5, 7), (9, 3)))).reshape(28, 28)
+    assert int((field.sum(0) > 0).sum()) == 5 and int((field.sum(1) > 0).sum()) == 20
+
+
 def test_dark_ink_on_light_paper_is_inverted_to_mnists_light_ink_on_black():
     picture = np.zeros((40, 40), dtype=np.float32)
     picture[8:32, 18:24] = 1.0
@@ -191,6 +197,7 @@ SEND = 'send {"image": "<data URL or base64>"} or {"pixels": [[gray levels]]}'
     (b"", 400, "the body is not JSON: ..."),  # an empty body is not too large
     ({"image": 3}, 400, "image must be a string: a data URL or base64"),
     ({"image": "data:image/png;base64,@@@"}, 400, "image is not base64"),
+    ({"image": "data:image/png;base64,AA,iVBORw0K"}, 400, "image is not base64"),  # a comma in the data
     ({"image": base64.b64encode(b"plain text").decode()}, 422, "not an image (UnidentifiedImageError: ..."),
     ({"pixels": [[0.1, 0.2], [0.3]]}, 400, ROWS),
     ({"pixels": [[[0.5]]]}, 400, ROWS),
@@ -217,13 +224,16 @@ def test_an_oversized_body_a_wrong_path_and_a_file_name_are_refused(server):
     connection.putheader("Content-Length", str(bm.MAX_BODY + 1))
     connection.endheaders()
     response = connection.getresponse()
-    assert response.status == 413 and "larger" in json.loads(response.read())["error"]
+    assert response.status == 413 and json.loads(response.read()) == {"error": f"the body is larger than {bm.MAX_BODY} bytes"}
     connection.close()
+    code, reply = post(url, b" " * bm.MAX_BODY)  # the largest allowed is read (and then is no JSON)
+    assert code == 400 and reply["error"].startswith("the body is not JSON")
     for path in ("/bnn_mnist.py", "/../README.md", "/predict/../guide.pt", "/etc/passwd"):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(url + path, timeout=10)
         with e.value:
             assert e.value.code == 404 and json.loads(e.value.read()) == {"error": "not found"}
+            assert e.value.headers["Content-Type"] == "application/json"
     with urllib.request.urlopen(url + "/", timeout=10) as r:
         assert r.status == 200 and b"<canvas" in r.read()
 
@@ -387,11 +397,11 @@ def test_the_page_is_never_cached_and_a_body_without_its_length_is_refused_with_
     url, _ = server
     import http.client
 
-    for method, path in (("GET", "/"), ("POST", "/predict")):
+    for method, path, length in (("GET", "/", None), ("POST", "/predict", "many"), ("POST", "/predict", None)):
         connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
         connection.putrequest(method, path)
-        if method == "POST":
-            connection.putheader("Content-Length", "many")
+        if length is not None:
+            connection.putheader("Content-Length", length)
         connection.endheaders()
         response = connection.getresponse()
         assert response.getheader("Cache-Control") == "no-store"
@@ -415,6 +425,9 @@ def test_answer_without_a_rule_and_predict_with_a_bad_flag_say_what_to_do(capsys
     with pytest.raises(SystemExit) as e:
         bm.main(["serve", "--port", "http"])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("usage: bnn_mnist.py serve ")
+    with pytest.raises(SystemExit) as e:
+        bm.main(["predict", "x.png", "--seed", "one"])
+    assert e.value.code == 2 and "argument --seed: invalid int value: 'one'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode, order", [("I;16", "<u2"), ("I;16L", "<u2"), ("I;16B", ">u2")])
