@@ -79,11 +79,11 @@ def part_of(name, parts):
 
 
 # Not behaviour, told apart from the original function by comparing syntax trees with these left out:
-# words for a reader in argparse (help=, description=, a group's title: setup.cfg leaves out help=
+# words for a reader in argparse (help=, description=, epilog=, a group's title: setup.cfg leaves out help=
 # lines, but these also sit on lines with a flag's type and default), and a figure's words and styling, in calls on
 # matplotlib objects (ax.bar(..., color=...), fig.suptitle(...)) and in _figure (its size and ratios).
 # A style chosen by the data (color="red" if refused else "green") is meaning, and stays compared.
-READER_TEXT = ("help", "description")
+READER_TEXT = ("help", "description", "epilog")
 FIGURE_STYLE = ("label", "title", "xlabel", "ylabel", "fontsize", "labelsize", "color", "alpha", "ms", "markersize",
                 "lw", "linewidth", "zorder", "shrink", "widths", "figsize", "height_ratios", "width_ratios")
 FIGURE_WORDS = ("suptitle", "set_title", "set_xlabel", "set_ylabel", "text", "legend")

@@ -262,6 +262,8 @@ def test_the_coverage_curve_is_drawn_against_coverage():
     line = bm.plot_coverage(score, correct, score > 0.35, "max_prob").axes[0].lines[0]
     cov, acc = bm.accuracy_coverage_curve(score, correct)
     assert list(line.get_xdata()) == cov.tolist() == [0.25, 0.5, 0.75, 1.0] and list(line.get_ydata()) == acc.tolist()
+    point = bm.plot_coverage(score, correct, score > 0.35, "max_prob").axes[0].collections[0].get_offsets()
+    assert point.tolist() == [[0.75, pytest.approx(2 / 3)]]  # the rule's point: image 0 refused, 2 of the 3 kept right
 
 
 def test_the_examples_figure_says_each_verdict_above_its_digit_and_blanks_the_empty_cells():
@@ -294,6 +296,10 @@ def test_the_reliability_bars_stand_on_their_bins_and_the_title_gives_the_figure
     assert [b.get_height() for b in bars] == pytest.approx(acc[used].tolist())
     ece = bm.expected_calibration_error(probs, y, 10)
     assert f"(ECE {ece:.4f})" in fig.axes[0].get_title() and abs(ece - bm.expected_calibration_error(probs, y)) > 1e-3
+    _, conf, _ = bm.calibration_bins(probs, y, 10)
+    dots = next(line for line in fig.axes[0].lines if line.get_label() == "mean confidence in bin")
+    assert dots.get_xdata().tolist() == pytest.approx([(i + 0.5) / 10 for i in used])  # on their bins
+    assert dots.get_ydata().tolist() == pytest.approx(conf[used].tolist())
     diagonal = next(line for line in fig.axes[0].lines if line.get_label() == "perfect calibration")
     assert list(diagonal.get_xdata()) == [0, 1] and list(diagonal.get_ydata()) == [0, 1]  # what the bars are held to
 

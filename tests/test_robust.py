@@ -212,6 +212,27 @@ def test_resume_refuses_other_settings_and_formats(tmp_path, data_dir, capsys):
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 1
 
 
+def test_a_signal_while_the_last_checkpoint_is_written_stops_the_run_before_its_report(tmp_path, data_dir,
+                                                                                     monkeypatch, capsys):
+    """Training is over and saved, but the user asked to stop: exit 143, saying so, with no report."""
+    import signal
+
+    train = bm.train
+
+    def then_a_signal(*a, **k):
+        result = train(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)  # as if it came during the final checkpoint's write
+        return result
+
+    monkeypatch.setattr(bm, "train", then_a_signal)
+    with pytest.raises(SystemExit) as e:
+        bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", *TINY])
+    assert e.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.startswith("interrupted after epoch 1;")
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_a_signal_during_training_stops_it_after_the_step_with_a_checkpoint(tmp_path, data_dir, monkeypatch, capsys,
                                                                              progress_bars):
     """SIGTERM in the middle of a run (here: after the first epoch) ends training at once, saved, exit 143."""
