@@ -307,7 +307,8 @@ def test_predictive_gives_the_same_posterior_predictive(small_data):
     assert (ours - bm.predict_prob(xt[:20], net, 1)).abs().mean() > 0.05  # which one sample is not (~0.1)
 
 
-def test_a_posterior_gone_non_finite_is_one_clear_error_at_the_end_of_training(small_data, monkeypatch):
+def test_a_posterior_gone_non_finite_is_one_clear_error_at_the_end_of_training_or_epoch(small_data, monkeypatch,
+                                                                                       tmp_path):
     """Without a checkpoint file nothing is saved per epoch: the end of training checks the posterior."""
     x, y, _, _ = small_data
     epoch = bm.train_epoch
@@ -323,3 +324,9 @@ def test_a_posterior_gone_non_finite_is_one_clear_error_at_the_end_of_training(s
     with pytest.raises(bm.Error) as e:
         bm.train(net, x[:64], y[:64], epochs=1, batch_size=64, progress=False, log=lambda *a: None)
     assert str(e.value) == "a parameter became non-finite (at the end of training)"
+    net = bm.BNN(784, 8, 10)  # with a checkpoint file, each epoch's end checks before it saves
+    with pytest.raises(bm.Error) as e:
+        bm.train(net, x[:64], y[:64], epochs=2, batch_size=64, progress=False, log=lambda *a: None,
+                 checkpoint_path=tmp_path / "c.pt")
+    assert str(e.value) == "a parameter became non-finite (end of epoch 1; last good checkpoint kept)"
+    assert not (tmp_path / "c.pt").exists()

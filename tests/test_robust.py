@@ -117,6 +117,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, smal
     assert ckpt.read_bytes() == good
 
 
+def test_training_time_is_counted_across_a_resume(tmp_path, small_data):
+    """train_seconds (metrics.json's) is the whole training's, the part before an interruption included."""
+    x, y, _, _ = small_data
+    kw = dict(batch_size=64, progress=False, log=lambda *a: None)
+    first = bm.train(bm.BNN(784, 16, 10), x, y, epochs=1, checkpoint_path=tmp_path / "c.pt", **kw)
+    saved = bm.load_checkpoint(tmp_path / "c.pt")
+    assert 0 < saved["train_seconds"] <= first["train_seconds"]
+    resumed = bm.train(bm.BNN(784, 16, 10), x, y, epochs=2, resume_state=saved, **kw)
+    assert resumed["train_seconds"] > saved["train_seconds"]
+
+
 def test_a_checkpoint_for_another_net_is_named_when_training_resumes_from_it(tmp_path, small_data):
     """train(net, ..., resume_state=bm.load_checkpoint(path)) in a notebook, with a net of another size."""
     x, y, _, _ = small_data
