@@ -30,6 +30,7 @@ def test_read_idx_reads_each_size_as_four_bytes(tmp_path):
     (lambda raw: raw[:10], "is truncated (header cut short)"),
     (lambda raw: raw + b"\0", "is longer than its header says: 3153 bytes, header promises 3152"),
     (lambda raw: raw[:-1], "is truncated: 3151 bytes, header promises 3152"),
+    (lambda raw: bytes([0, 0, 8, 1, 1, 0, 0, 5]) + bytes(5), "is truncated: 13 bytes, header promises 16777229"),
 ])
 def test_each_damaged_idx_header_is_named_for_what_is_wrong(tmp_path, change, message):
     images, _ = synthetic_digits(4)

@@ -282,6 +282,8 @@ def test_the_examples_figure_says_each_verdict_above_its_digit_and_blanks_the_em
     assert frames == [to_rgba("#55a868"), to_rgba("#c44e52"), to_rgba("#55a868")]  # green accepted, red refused
     assert axes[3, 0].axison and axes[3, 0].lines  # the third digit's spread is drawn
     assert list(axes[1, 0].get_xticks()) == list(range(10))  # every class named under its spread
+    boxes = [line.get_xdata() for line in axes[1, 0].lines if len(line.get_xdata()) == 5]  # each box's outline
+    assert [float(np.mean(b[:2])) for b in boxes] == pytest.approx(list(range(10)))  # class c's box above tick c
 
 
 def test_the_reliability_bars_stand_on_their_bins_and_the_title_gives_the_figures_ece():

@@ -17,7 +17,7 @@ import torchvision
 from PIL import Image
 
 import bnn_mnist as bm
-from conftest import synthetic_digits, write_idx
+from conftest import make_mnist_dir, synthetic_digits, write_idx
 
 
 @pytest.fixture
@@ -144,6 +144,12 @@ def test_fashion_files_that_disagree_or_are_missing_are_named(tmp_path):
     with pytest.raises(bm.Error) as e:
         bm.read_idx(folder / "t10k-images-idx3-ubyte.gz")
     assert str(e.value).startswith(f"cannot read {folder / 't10k-images-idx3-ubyte.gz'}: ")
+
+
+def test_mnist_files_that_read_well_leave_torchvisions_own_reason(tmp_path):
+    make_mnist_dir(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    assert bm.mnist_error(raw, False, RuntimeError("out of memory")) == f"cannot read MNIST in {raw}: out of memory"
 
 
 def test_missing_mnist_files_and_a_failed_download_are_one_sentence_with_the_reason(tmp_path):

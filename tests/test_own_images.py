@@ -83,10 +83,12 @@ def test_chalk_on_a_gray_board_is_light_ink_and_a_tie_keeps_the_light_strokes():
     assert torch.equal(bm.prepare_image(both), bm.prepare_image(light))
 
 
-def test_a_digit_cropped_tight_to_its_ink_reads_as_the_same_digit_with_a_margin():
-    """The ground is read from the picture's border: mostly ground even where the ink touches it."""
+@pytest.mark.parametrize("turn", ["upright", "on its side"])
+def test_a_digit_cropped_tight_to_its_ink_reads_as_the_same_digit_with_a_margin(turn):
+    """The ground is read from the picture's border (all four sides): mostly ground even where the ink touches it."""
     tee = np.zeros((40, 3), dtype=np.float32)
     tee[0, :] = tee[:, 1] = 1.0  # a narrow T, its bar along the top edge and its stem down the middle
+    tee = tee if turn == "upright" else tee.T.copy()  # on its side: the stem along the middle row
     assert torch.equal(bm.prepare_image(tee), bm.prepare_image(np.pad(tee, 5)))
 
 
@@ -320,6 +322,8 @@ def test_predict_names_each_figure_apart_and_a_guide_without_a_rule_is_one_line(
     prepared = answers[tmp_path / "a/1.png"]["prepared"]  # what the net saw, for a notebook to draw
     assert torch.equal(prepared, bm.prepare_image(tmp_path / "a/1.png"))
     assert capsys.readouterr().out.splitlines()[-1] == f"figures in {tmp_path / 'o'}"
+    bm.main(["predict", str(tmp_path / "a/1.png"), "--guide", str(guide), "--out-dir", str(tmp_path / "p"), "--no-plots"])
+    assert not (tmp_path / "p").exists() and "figures in" not in capsys.readouterr().out
     no_rule = ready_net(16)
     bm.save_guide(tmp_path / "bare.pt", no_rule)
     with pytest.raises(SystemExit) as e:
