@@ -569,6 +569,10 @@ def test_a_gray_drawing_with_transparency_is_on_white_paper():
     la = Image.fromarray((drawing * 255).astype(np.uint8), mode="LA")
     on_paper = 1 - ink  # the same strokes, black on white
     assert torch.allclose(bm.prepare_image(la), bm.prepare_image(on_paper), atol=1e-6)
+    indices, alpha = Image.fromarray(np.zeros(ink.shape, np.uint8)), Image.fromarray((ink * 255).astype(np.uint8))
+    pa = Image.merge("PA", (indices, alpha))  # a palette drawing with transparency: black, drawn where opaque
+    pa.putpalette([0, 0, 0] * 256)
+    assert torch.allclose(bm.prepare_image(pa), bm.prepare_image(on_paper), atol=1e-6)
 
 
 @pytest.mark.parametrize("mode, top, expected", [("F", 0.8, 0.8), ("I", 255, 1.0), ("I", 65535, 1.0),
