@@ -156,6 +156,13 @@ def test_resuming_a_trained_net_from_its_checkpoint_is_no_second_train(small_dat
     assert not [t for t in lines if t.startswith("note:")] and len([t for t in lines if t.startswith("epoch")]) == 2
 
 
+def test_a_guide_of_a_net_with_other_sizes_loads_as_that_net(tmp_path):
+    net = bm.BNN(784, 8, 3, prior_scale=0.5)  # three classes, from a notebook
+    bm.save_guide(tmp_path / "g.pt", net)
+    back = bm.load_guide(tmp_path / "g.pt")
+    assert (back.loc["out_weight"].shape, back.prior_scale) == ((3, 8), 0.5)
+
+
 def test_training_shows_a_progress_bar_unless_told_not_to(small_data, progress_bars):
     """progress=True (the default) leaves the bar to tqdm, which shows it in a terminal; False hides it."""
     x, y, _, _ = small_data

@@ -148,11 +148,12 @@ def test_missing_ood_sets_are_skipped_with_one_line_each(tmp_path, data_dir, cap
     assert not list(out.glob("*.png"))  # --no-plots
 
 
-def test_a_run_holding_nothing_out_refuses_by_the_threshold_given(tmp_path, data_dir):
+def test_a_run_holding_nothing_out_refuses_by_the_threshold_given(tmp_path, data_dir, capsys):
     """--val-size 0 trains on every image: no held-out digits to set a threshold from, so it is given."""
     m = bm.main(list(map(str, ["--data-dir", data_dir, "--out-dir", tmp_path, "--epochs", 1, *SMALL, "--no-plots",
                                "--ood", "none", "--val-size", 0, "--threshold", 0.1, "--ambiguity-quantile", 0])))
     assert m["rule"] == {"mutual_information": 0.1} and bm.load_guide(tmp_path / "guide.pt").rule == m["rule"]
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / 'metrics.json'}"
 
 
 def test_a_notmnist_folder_given_is_scored_beside_mnist(tmp_path, data_dir, capsys):

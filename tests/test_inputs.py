@@ -311,8 +311,10 @@ def test_each_sets_histogram_sums_to_one_with_scores_of_zero_in_its_first_bin():
     scores = {"MNIST": torch.zeros(8), "noise": torch.zeros(3)}
     ax = bm.plot_histograms(scores, "mutual_information", 0.05).axes[0]
     assert [p.get_xy()[:, 1].max() for p in ax.patches] == pytest.approx([1.0, 1.0])  # all of each in one bin
-    drawn = bm.plot_histograms({"MNIST": torch.zeros(8)}, "mutual_information", 1.5).axes[0].patches[0].get_xy()
-    assert drawn[drawn[:, 1] > 0, 0].max() <= 1.5  # below a high threshold, so drawn left of its line
+    for threshold in (1.5, 0.05):
+        drawn = bm.plot_histograms({"MNIST": torch.zeros(8)}, "mutual_information", threshold).axes[0].patches[0]
+        xy = drawn.get_xy()
+        assert xy[xy[:, 1] > 0, 0].max() <= threshold  # below the threshold, so drawn left of its line
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib warns of an axis it cannot draw on a log scale
         ax = bm.plot_histograms({"MNIST": torch.zeros(8)}, "mutual_information", None).axes[0]

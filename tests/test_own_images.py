@@ -578,7 +578,7 @@ def test_a_gray_drawing_with_transparency_is_on_white_paper():
 @pytest.mark.parametrize("mode, top, expected", [("F", 0.8, 0.8), ("I", 255, 1.0), ("I", 65535, 1.0),
                                                  ("I", 2, 2 / 255), ("I", 256, 256 / 65535),
                                                  ("I", 32768, 32768 / 65535), ("I", 100000, 1.0), ("L", 255, 1.0),
-                                                 ("L", 51, 0.2), ("F", -0.5, 0.0)])
+                                                 ("L", 51, 0.2), ("F", -0.5, 0.0), ("F", 1.0, 1.0)])
 def test_a_scans_gray_levels_are_read_on_the_scale_its_values_use(mode, top, expected):
     """0-1 floats as they are (below 0: black), values up to 255 as 8-bit, above as 16-bit (beyond 16 bits:
     white); 8-bit: /255."""
