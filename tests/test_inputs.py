@@ -27,7 +27,7 @@ def net():
         (torch.rand(0, 784), "^empty batch: no images to predict$"),
         (torch.rand(2, 784) * 255, r"pixel values must lie in \[0, 1\].*divide 0-255 images by 255"),
         (-torch.rand(2, 784), r"must lie in \[0, 1\]"),
-        (torch.full((2, 784), float("nan")), "NaN pixels"),
+        (torch.full((2, 784), float("nan")), "^images contain NaN pixels$"),
         (torch.full((2, 784), float("inf")), r"must lie in \[0, 1\]"),
         (torch.ones(2, 784, dtype=torch.int32), "float in \\[0, 1\\] or uint8"),
         (torch.ones(2, 784, dtype=torch.bool), "dtype torch.bool"),
