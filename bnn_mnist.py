@@ -1185,8 +1185,9 @@ def read_idx(path):
     if len(raw) != expected:
         kind = "truncated" if len(raw) < expected else "longer than its header says"
         raise Error(f"{path} is {kind}: {len(raw)} bytes, header promises {expected}")
-    data = bytearray(raw[4 + 4 * ndim :])  # torch.frombuffer refuses an empty buffer: a file of 0 images
-    return (torch.frombuffer(data, dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)).view(*shape)
+    if len(raw) == 4 + 4 * ndim:  # a file of 0 images: torch.frombuffer refuses an empty buffer
+        return torch.zeros(shape, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=4 + 4 * ndim).view(*shape)
 
 
 def _find(folder, name):

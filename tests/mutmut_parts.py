@@ -12,7 +12,8 @@ names to mutmut the part's unchecked mutants in one fixed random order (seed 0, 
 mutants/order.json: a function changed later has its new mutants put in at random places, the rest
 keep their order), so the longest run of that order checked whole is a uniform random sample of the
 part: `score` gives its score with a 95% interval, and the next `run` goes on where the last stopped
-(first the changed function's mutants in that run). mutmut keeps its results in mutants/ (git-ignored). Set aside from the score: the equivalent mutants listed, each with its reason, in
+(first the changed function's mutants in that run). mutmut keeps its results in mutants/
+(git-ignored). Set aside from the score: the equivalent mutants listed, each with its reason, in
 docs/contributing/mutation/equivalent.txt ("mutant name: reason"), and survivors that change only
 help text or a figure's words and styling (READER_TEXT, FIGURE_STYLE below).
 """
@@ -187,8 +188,10 @@ def fixed_order(part, names):
     in at random places, so the order of every other mutant, and the sample it gives, stays."""
     path = ROOT / "mutants" / "order.json"
     orders = json.loads(path.read_text()) if path.exists() else {}
-    order = orders.get(part) or sorted(names)
-    if part not in orders:
+    if part in orders:
+        order = orders[part]
+    else:
+        order = sorted(names)
         random.Random(0).shuffle(order)
     known, present, rng = set(order), set(names), random.Random(len(order))
     for name in sorted(present - known):
