@@ -189,6 +189,24 @@ def post(url, body, headers=None):
             return e.code, json.loads(e.read())
 
 
+def headers_only(url, method, path, length):
+    """(status, headers, body) of a request sent with no body and the Content-Length given (None: no header).
+
+    urllib always sends the true length; http.client lets a test announce a wrong one or none."""
+    import http.client
+
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+    try:
+        connection.putrequest(method, path)
+        if length is not None:
+            connection.putheader("Content-Length", length)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
 ROWS = "pixels must be a non-empty list of rows of numbers, all rows one length"
 LEVELS = "pixels must be finite gray levels in [0, 1]"
 SEND = 'send {"image": "<data URL or base64>"} or {"pixels": [[gray levels]]}'
@@ -219,15 +237,8 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(serv
 
 def test_an_oversized_body_a_wrong_path_and_a_file_name_are_refused(server):
     url, _ = server
-    import http.client
-
-    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
-    connection.putrequest("POST", "/predict")  # a body announced too large is refused before it is read
-    connection.putheader("Content-Length", str(bm.MAX_BODY + 1))
-    connection.endheaders()
-    response = connection.getresponse()
-    assert response.status == 413 and json.loads(response.read()) == {"error": f"the body is larger than {bm.MAX_BODY} bytes"}
-    connection.close()
+    status, _, body = headers_only(url, "POST", "/predict", str(bm.MAX_BODY + 1))  # refused before it is read
+    assert status == 413 and json.loads(body) == {"error": f"the body is larger than {bm.MAX_BODY} bytes"}
     code, reply = post(url, b" " * bm.MAX_BODY)  # the largest allowed is read (and then is no JSON)
     assert code == 400 and reply["error"].startswith("the body is not JSON")
     for path in ("/bnn_mnist.py", "/../README.md", "/predict/../guide.pt", "/etc/passwd"):
@@ -399,21 +410,12 @@ def test_stopping_the_server_does_not_wait_for_a_connection_left_open():
 def test_the_page_is_never_cached_and_a_body_without_its_length_is_refused_with_a_reason(server):
     """A browser must not show an old answer for a new drawing; a request without Content-Length gets 411."""
     url, _ = server
-    import http.client
-
     for method, path, length in (("GET", "/", None), ("POST", "/predict", "many"), ("POST", "/predict", None)):
-        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
-        connection.putrequest(method, path)
-        if length is not None:
-            connection.putheader("Content-Length", length)
-        connection.endheaders()
-        response = connection.getresponse()
-        assert response.getheader("Cache-Control") == "no-store"
-        body = response.read()
-        assert int(response.getheader("Content-Length")) == len(body) > 0  # a client keeping the connection needs it
+        status, headers, body = headers_only(url, method, path, length)
+        assert headers["Cache-Control"] == "no-store"
+        assert int(headers["Content-Length"]) == len(body) > 0  # a client keeping the connection needs it
         if method == "POST":
-            assert response.status == 411 and json.loads(body) == {"error": "a Content-Length is required"}
-        connection.close()
+            assert status == 411 and json.loads(body) == {"error": "a Content-Length is required"}
 
 
 def test_answer_without_a_rule_and_predict_with_a_bad_flag_say_what_to_do(capsys):
