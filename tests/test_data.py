@@ -94,9 +94,10 @@ def test_image_folder_and_fashion(tmp_path):
     Image.fromarray(np.full((56, 56), 255, np.uint8)).save(tmp_path / "letters" / "B" / "big.png")
     for suffix in (".jpg", ".JPEG"):  # JPEG files by either name, any case
         Image.fromarray(np.full((28, 28), 255, np.uint8)).save(tmp_path / "letters" / "B" / f"photo{suffix}", "JPEG")
+    Image.fromarray(np.full((28, 28, 3), 255, np.uint8)).save(tmp_path / "letters" / "B" / "rgb.png")  # read as gray
     (tmp_path / "letters" / "B" / "notes.txt").write_text("not an image")
     x = bm.load_image_folder(tmp_path / "letters")
-    assert x.shape == (5, 784) and x[0].max() == 0 and x[1:].min() == 1
+    assert x.shape == (6, 784) and x[0].max() == 0 and x[1:].min() == 1
     with pytest.raises(bm.Error, match="no PNG"):
         bm.load_image_folder(tmp_path / "letters" / "nothing")
 

@@ -76,6 +76,7 @@ def test_dark_ink_on_light_paper_is_inverted_to_mnists_light_ink_on_black():
 def test_chalk_on_a_gray_board_is_light_ink_and_a_tie_keeps_the_light_strokes():
     """The ink is whichever extreme lies farther from the ground; at equal distances, MNIST's light ink."""
     chalk = np.pad(bar(20, 5), 6)
+    chalk[6:9, 2:6] = 0.3  # a faint stroke, 30% of the ink: the ground's shade must not make it paper
     assert torch.allclose(bm.prepare_image(0.4 + 0.6 * chalk), bm.prepare_image(chalk), atol=1e-5)
     light = 0.5 + 0.5 * chalk  # a mid-gray ground, a light stroke: 0.5 above it
     both = light.copy()
@@ -468,6 +469,15 @@ def test_slightly_grainy_paper_is_cut_at_six_robust_sds_of_its_border_so_a_faint
     grainy[[0, -1]], grainy[:, [0, -1]] = grain[[0, -1]], grain[:, [0, -1]]
     assert torch.allclose(bm.prepare_image(grainy), bm.prepare_image(clean), atol=1e-5)
 
+
+def test_a_mark_at_the_grain_cuts_floor_is_ink_and_one_just_under_it_is_paper():
+    """On clean paper the cut is its floor, 2% of the ink's span: ink below it is ground, ink at it is kept."""
+    clean = np.zeros((40, 40))
+    clean[8:32, 18:22] = 1.0  # the stroke
+    at, under = clean.copy(), clean.copy()
+    at[8:11, 10:18], under[8:11, 10:18] = 0.02, 0.019  # a faint flag at, and just under, the floor
+    assert torch.equal(bm.prepare_image(under), bm.prepare_image(clean))
+    assert not torch.equal(bm.prepare_image(at), bm.prepare_image(clean))
 
 def test_describe_says_the_verdict_and_each_score_against_its_threshold():
     result = {"verdict": "7", "mean": [0.01] * 7 + [0.91] + [0.01] * 2, "rule": {"max_median_prob": 0.2,

@@ -4,6 +4,7 @@ codes, and the round trips of the refusal rule and the prior."""
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pyro
@@ -33,6 +34,17 @@ def test_the_command_line_starts_from_the_config_and_help_shows_each_default(cap
         assert re.search(rf"{flag} .*?\(default: {re.escape(str(value))}\)", text), flag
     assert "(default: None)" not in text and "(default: False)" not in text  # explained in words instead
 
+
+
+@pytest.mark.parametrize("command", ["predict", "serve"])
+def test_predict_and_serve_help_show_their_defaults_too(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        bm.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    assert re.search(rf"--unc-samples .*?\(default: {bm.DEFAULTS.unc_samples}\)", text)
+    assert f"the trained posterior (default: {Path(bm.DEFAULTS.out_dir) / 'guide.pt'})" in text
+    assert "(default: None)" not in text and "(default: False)" not in text  # --no-plots explained in words
 
 # the library's keyword arguments that are Config settings under another name
 SAME_AS = {"quantile": "refuse_quantile"}
