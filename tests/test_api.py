@@ -171,7 +171,7 @@ def test_training_shows_a_progress_bar_unless_told_not_to(small_data, progress_b
     assert [b["kwargs"].get("disable") for b in progress_bars] == [None, True]
     assert all(b["kwargs"]["total"] == 2 for b in progress_bars)  # the bar counts the epoch's steps (capped at 2)
     assert [b["counted"] for b in progress_bars] == [2, 2]  # one per step taken: full when the epoch is
-    assert not any(b["kwargs"]["leave"] for b in progress_bars)  # cleared at the epoch's end: its log line stays
+    assert all(b["kwargs"]["leave"] is False for b in progress_bars)  # cleared at the epoch's end (tqdm leaves a bar at None)
 
 
 def test_the_progress_bar_shows_the_epochs_running_loss_per_example(small_data, progress_bars):

@@ -105,3 +105,15 @@ def test_image_folder_and_fashion(tmp_path):
     assert bm.load_fashion(tmp_path / "f").shape == (200, 784)
     with pytest.raises(bm.Error, match="Fashion-MNIST test files not found"):
         bm.load_fashion(tmp_path, fashion_dir=tmp_path / "missing")
+
+
+
+def test_the_ood_sets_are_read_from_the_data_dir_when_no_folder_of_their_own_is_named(tmp_path):
+    make_mnist_dir(tmp_path, dataset="FashionMNIST")
+    (tmp_path / "notMNIST-459" / "A").mkdir(parents=True)
+    Image.fromarray(np.full((28, 28), 255, np.uint8)).save(tmp_path / "notMNIST-459" / "A" / "1.png")
+    cfg = bm.Config(data_dir=str(tmp_path), fashion_dir=None, notmnist_dir=None, ood="fashion,notmnist")
+    report = {"ood_skipped": {}}
+    ood = bm.load_ood_sets(cfg, report)
+    assert torch.equal(ood["Fashion-MNIST"], bm.load_fashion(tmp_path, fashion_dir=tmp_path / "FashionMNIST" / "raw"))
+    assert ood["notMNIST"].shape == (1, 784) and report["ood_skipped"] == {}

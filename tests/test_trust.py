@@ -27,7 +27,11 @@ class Evil:
         return (os.mkdir, (self.marker,))
 
 
-def test_a_malicious_guide_runs_nothing(tmp_path):
+@pytest.mark.parametrize("torch_default", ["installed", "before 2.6"])
+def test_a_malicious_guide_runs_nothing(tmp_path, monkeypatch, torch_default):
+    if torch_default == "before 2.6":  # torch.load unpickled anything unless told weights_only=True: the loader must
+        real = torch.load
+        monkeypatch.setattr(torch, "load", lambda *a, weights_only=False, **k: real(*a, weights_only=weights_only, **k))
     marker = tmp_path / "pwned"
     for name, fmt in (("guide.pt", bm.GUIDE_FORMAT), ("checkpoint.pt", bm.CHECKPOINT_FORMAT)):
         torch.save({"format": fmt, "payload": Evil(marker)}, tmp_path / name)
