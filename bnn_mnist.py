@@ -976,11 +976,13 @@ def plot_histograms(scores, measure, threshold, path=None):
     values = {name: score.detach().cpu().double().numpy() for name, score in scores.items()}
     everything = np.concatenate(list(values.values()))
     marks = [] if threshold is None else [threshold]  # None: a rule on another score (the article's)
-    lo = max(1e-6, min([*marks, everything[everything > 0].min(initial=1e-6)]))  # a score of 0 is drawn at lo
+    # a score of 0 is drawn at lo: the smallest score above 0, and a decade left of the threshold's line
+    smallest = min([everything[everything > 0].min(initial=np.inf), *(t / 10 for t in marks)])
+    lo = max(1e-6, smallest) if smallest < np.inf else 1e-6  # every score 0 and no threshold: any decade will do
     hi = max([*marks, everything.max(), 10 * lo]) * 1.05  # at least a decade, also when every score is 0
-    edges = np.logspace(np.log10(lo), np.log10(hi), 60)
+    edges = np.logspace(np.log10(lo), np.log10(hi), 60)  # edges[0] may round off lo: clip the scores to it
     for name, v in values.items():
-        ax.hist(np.clip(v, lo, None), bins=edges, histtype="stepfilled", alpha=0.35, density=False,
+        ax.hist(np.clip(v, edges[0], None), bins=edges, histtype="stepfilled", alpha=0.35, density=False,
                 weights=np.full(len(v), 1 / len(v)), label=f"{name} ({len(v)} images)")
     for t in marks:
         ax.axvline(t, color="black", ls="--", lw=1, label=f"threshold {t:.3g}: refuse to the right")

@@ -43,7 +43,8 @@ def test_each_damaged_idx_header_is_named_for_what_is_wrong(tmp_path, change, me
 
 def test_an_idx_file_of_no_items_reads_as_an_empty_tensor_of_its_shape(tmp_path):
     write_idx(tmp_path / "none", np.zeros((0, 28, 28), dtype=np.uint8))
-    assert tuple(bm.read_idx(tmp_path / "none").shape) == (0, 28, 28)  # a header alone: 16 bytes, nothing after
+    empty = bm.read_idx(tmp_path / "none")
+    assert tuple(empty.shape) == (0, 28, 28) and empty.dtype == torch.uint8  # a header alone: 16 bytes, nothing after
 
 
 def test_load_mnist_shapes_and_range(data_dir):

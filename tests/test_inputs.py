@@ -324,15 +324,22 @@ def test_each_sets_histogram_sums_to_one_with_scores_of_zero_in_its_first_bin():
         ax = bm.plot_histograms({"MNIST": torch.zeros(8)}, "mutual_information", None).axes[0]
     low, high = ax.get_xlim()
     assert [p.get_xy()[:, 1].max() for p in ax.patches] == [1.0] and 0 < low < high  # no threshold: still drawn
+    smallest = {"MNIST": torch.tensor([0.0, 0.2, 0.2], dtype=torch.float64)}  # the axis starts at 0.2, whose log
+    ax = bm.plot_histograms(smallest, "mutual_information", None).axes[0]  # rounds back to 0.2000000000000001
+    assert [p.get_xy()[:, 1].max() for p in ax.patches] == pytest.approx([1.0])  # still in the first bin, counted
 
 
 def test_the_histograms_draw_the_threshold_on_a_log_axis_that_holds_every_score():
-    scores = {"MNIST": torch.tensor([0.001, 0.01, 0.02]), "noise": torch.tensor([0.3, 0.8])}
+    scores = {"MNIST": torch.tensor([0.0, 0.001, 0.01, 0.02]), "noise": torch.tensor([0.3, 0.8])}
     ax = bm.plot_histograms(scores, "mutual_information", 0.05).axes[0]
     assert ax.get_xscale() == "log"
     assert [line.get_xdata()[0] for line in ax.lines] == [0.05]  # the threshold, where refusing starts
     edges = [p.get_xy()[:, 0] for p in ax.patches]
-    assert min(e.min() for e in edges) <= 0.001 * (1 + 1e-6) and 0.8 <= max(e.max() for e in edges) <= 0.8 * 1.1
+    # the axis starts at the smallest score above 0 (where a 0 is drawn), not decades below it (0.001 < 0.05 / 10)
+    assert min(e.min() for e in edges) == pytest.approx(0.001) and 0.8 <= max(e.max() for e in edges) <= 0.8 * 1.1
+    entropies = {"MNIST": torch.tensor([0.0, 1.5, 2.0])}  # scores above 1 (entropy reaches ln 10): the same rule
+    drawn = bm.plot_histograms(entropies, "expected_entropy", None).axes[0].patches[0].get_xy()[:, 0]
+    assert drawn.min() == pytest.approx(1.5) and drawn.max() >= 2.0
     assert not bm.plot_histograms(scores, "mutual_information", None).axes[0].lines  # no threshold, no line
     steps = np.unique(np.round(np.log(np.concatenate(edges)), 9))
     assert len(steps) > 30 and np.allclose(np.diff(steps), np.diff(steps)[0])  # many bins, even on the log axis
