@@ -204,7 +204,10 @@ def test_the_runs_figure_draws_the_articles_bars_or_the_samples(average, monkeyp
     drawn = {}
     monkeypatch.setattr(bm, "plot", lambda image, bars, label=None, path=None: drawn.update(bars=bars, label=label))
     cfg = bm.Config(average=average, num_samples=2)
-    bm.forced_prediction(cfg, net, x, y, {"losses": [1.0], "train_seconds": 0.0}, torch.device("cpu"), tmp_path)
+    pyro.set_rng_seed(0)
+    m = bm.forced_prediction(cfg, net, x, y, {"losses": [1.0], "train_seconds": 0.0}, torch.device("cpu"), tmp_path)
+    pyro.set_rng_seed(0)
+    assert m["test_nll"] == bm.evaluate(bm.predict_prob(x, net, 2, average), y)["nll"]  # its numbers so averaged too
     assert drawn["label"] == y[0]
     mean = torch.tensor([3.0, 1.0, 0.0] + [0.0] * 7)  # min 0, max 3
     expected = (mean / 3).softmax(-1) if average == "logits" else logits.softmax(-1)

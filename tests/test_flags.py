@@ -343,7 +343,8 @@ def test_the_report_states_the_articles_rule_as_a_floor_and_names_each_ood_set_o
     """The median rule refuses at or below its floor; the other measures above their thresholds. MNIST
     is the reference: the OOD lines name the other sets only."""
     report = {
-        "abstention": {"MNIST": {"refused": 0.04, "accuracy_accepted": 0.995}, "noise": {"refused": 1.0}},
+        "abstention": {"MNIST": {"refused": 0.04, "accuracy_accepted": 0.995}, "noise": {"refused": 1.0},
+                       "fashion": {"refused": 0.8}},
         "auroc": {"noise": {"mutual_information": 0.99}}, "near_ood_auroc": {}, "control_auroc": {"noise": 0.5},
         "selective": {bm.Config().selective_measure: {"accuracy_kept": 0.99, "aurc": 0.0123}},
         "shift": {0: {"accuracy": 0.98, "ece": 0.01, "nll": 0.05}, 45: {"accuracy": 0.5, "ece": 0.2, "nll": 1.5}},
@@ -353,7 +354,7 @@ def test_the_report_states_the_articles_rule_as_a_floor_and_names_each_ood_set_o
     bm.print_report(bm.Config(), report, cal, {"max_median_prob": 0.2, "mutual_information": 0.15})
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == ("refusing when max_median_prob <= 0.2 or mutual_information > 0.15: MNIST refused 4.0%, "
-                        "99.50% right on the rest; noise refused 100.0%")
+                        "99.50% right on the rest; noise refused 100.0%; fashion refused 80.0%")
     assert lines[-2] == "rotated test digits (degrees: accuracy / ECE / NLL): 0: 98% / 0.010 / 0.05; 45: 50% / 0.200 / 1.50"
     assert lines[-3] == (f"trusting the 95% most certain by {bm.Config().selective_measure}: 99.00% right; "
                          "AURC x 1000 12.30")

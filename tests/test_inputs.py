@@ -280,6 +280,7 @@ def test_the_examples_figure_says_each_verdict_above_its_digit_and_blanks_the_em
 
     frames = [ax.spines["left"].get_edgecolor() for ax in digits]
     assert frames == [to_rgba("#55a868"), to_rgba("#c44e52"), to_rgba("#55a868")]  # green accepted, red refused
+    assert all(ax.spines[side].get_visible() is True for ax in digits for side in ax.spines)  # drawn, all four sides
     assert axes[3, 0].axison and axes[3, 0].lines  # the third digit's spread is drawn
     assert list(axes[1, 0].get_xticks()) == list(range(10))  # every class named under its spread
     boxes = [line.get_xdata() for line in axes[1, 0].lines if len(line.get_xdata()) == 5]  # each box's outline
@@ -300,6 +301,7 @@ def test_the_reliability_bars_stand_on_their_bins_and_the_title_gives_the_figure
     used = (count > 0).nonzero().flatten().tolist()
     assert [round(b.get_x() + b.get_width() / 2, 6) for b in bars] == [round((i + 0.5) / 10, 6) for i in used]
     assert [b.get_height() for b in bars] == pytest.approx(acc[used].tolist())
+    assert [b.get_width() for b in bars] == pytest.approx([0.09] * len(used))  # each within its bin, a gap between
     ece = bm.expected_calibration_error(probs, y, 10)
     assert f"(ECE {ece:.4f})" in fig.axes[0].get_title() and abs(ece - bm.expected_calibration_error(probs, y)) > 1e-3
     _, conf, _ = bm.calibration_bins(probs, y, 10)

@@ -161,6 +161,12 @@ def test_resume_with_fewer_epochs_or_on_another_device_is_refused(tmp_path, data
     assert "was made with other settings (device cuda -> cpu)" in capsys.readouterr().err
 
 
+def test_device_cpu_stays_on_the_cpu_on_a_machine_with_a_gpu(tmp_path, data_dir, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the choice can tell
+    bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--epochs", "1", "--device", "cpu", *TINY])
+    assert json.loads((tmp_path / "metrics.json").read_text())["device"] == "cpu"
+
+
 def test_a_bug_keeps_its_traceback_but_a_users_mistake_is_one_line(tmp_path, data_dir, monkeypatch, capsys):
     def broken(*a, **k):
         raise ValueError("an internal bug")
