@@ -74,14 +74,15 @@ def fresh_data_dir(tmp_path):
 @pytest.fixture
 def progress_bars(monkeypatch):
     """Training's tqdm bars, hidden: a list of {"kwargs": what the bar was made with, "postfix": [...],
-    "counted": the steps it was moved on by}."""
+    "counted": the steps it was moved on by, "closed": whether it was closed}. Each bar is kept alive
+    here, so "closed" is training's own close, not tqdm's on garbage collection."""
     import tqdm.auto
 
     bars = []
 
     class Bar(tqdm.auto.tqdm):
         def __init__(self, *args, **kwargs):
-            self.record = {"kwargs": kwargs, "postfix": [], "counted": 0}
+            self.record = {"kwargs": kwargs, "postfix": [], "counted": 0, "closed": False, "bar": self}
             bars.append(self.record)
             super().__init__(*args, **{**kwargs, "disable": True})
 
@@ -91,6 +92,10 @@ def progress_bars(monkeypatch):
 
         def set_postfix(self, **kwargs):
             self.record["postfix"].append(kwargs)
+
+        def close(self):
+            self.record["closed"] = True
+            return super().close()
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     return bars

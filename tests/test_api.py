@@ -172,6 +172,8 @@ def test_training_shows_a_progress_bar_unless_told_not_to(small_data, progress_b
     assert all(b["kwargs"]["total"] == 2 for b in progress_bars)  # the bar counts the epoch's steps (capped at 2)
     assert [b["counted"] for b in progress_bars] == [2, 2]  # one per step taken: full when the epoch is
     assert all(b["kwargs"]["leave"] is False for b in progress_bars)  # cleared at the epoch's end (tqdm leaves a bar at None)
+    bm.train(bm.BNN(784, H, 10), x, y, epochs=0, log=lambda *a: None)  # nothing to do (a finished run resumed)
+    assert len(progress_bars) == 3 and all(b["closed"] for b in progress_bars)  # a notebook's next output starts clean
 
 
 def test_the_progress_bar_shows_the_epochs_running_loss_per_example(small_data, progress_bars):

@@ -31,7 +31,7 @@ class Evil:
 def test_a_malicious_guide_runs_nothing(tmp_path, monkeypatch, torch_default):
     if torch_default == "before 2.6":  # torch.load unpickled anything unless told weights_only=True: the loader must
         real = torch.load
-        monkeypatch.setattr(torch, "load", lambda *a, weights_only=False, **k: real(*a, weights_only=weights_only, **k))
+        monkeypatch.setattr(torch, "load", lambda *a, weights_only=None, **k: real(*a, weights_only=bool(weights_only), **k))
     marker = tmp_path / "pwned"
     for name, fmt in (("guide.pt", bm.GUIDE_FORMAT), ("checkpoint.pt", bm.CHECKPOINT_FORMAT)):
         torch.save({"format": fmt, "payload": Evil(marker)}, tmp_path / name)
