@@ -330,13 +330,15 @@ def test_the_runs_figures_get_the_rules_threshold_and_the_digits_true_labels(mon
     y = torch.arange(10)
     seen = {}
     monkeypatch.setattr(bm, "plot_histograms", lambda s, m, threshold, path: seen.update(threshold=threshold))
-    monkeypatch.setattr(bm, "plot_examples", lambda *a, labels, path: seen.update(labels=labels.tolist()))
+    monkeypatch.setattr(bm, "plot_examples", lambda x, ps, *a, labels, path: seen.update(labels=labels.tolist(),
+                                                                                          n=(len(x), ps.shape[1])))
     cfg = bm.Config(measure="max_prob")
     bm.uncertainty_figures(cfg, torch.rand(10, 784), y, probs, scores, refused, probs["MNIST"].mean(0).argmax(1) == y,
                            {"noise": torch.rand(4, 784)}, rule, tmp_path)
     order = scores["MNIST"]["max_prob"].argsort()
     assert seen["threshold"] == 0.4
     assert seen["labels"] == [*y[order[:3]].tolist(), *y[order[-3:]].tolist(), -1, -1]
+    assert seen["n"] == (8, 8)  # each image with its own samples: 6 digits and 2 of each OOD set
 
 
 def test_the_report_states_the_articles_rule_as_a_floor_and_names_each_ood_set_once(capsys):

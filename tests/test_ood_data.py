@@ -150,6 +150,7 @@ def test_mnist_files_that_read_well_leave_torchvisions_own_reason(tmp_path):
     make_mnist_dir(tmp_path)
     raw = tmp_path / "MNIST" / "raw"
     assert bm.mnist_error(raw, False, RuntimeError("out of memory")) == f"cannot read MNIST in {raw}: out of memory"
+    assert bm.mnist_error(raw, False, MemoryError()) == f"cannot read MNIST in {raw}: MemoryError"  # no words: its kind
 
 
 def test_missing_mnist_files_and_a_failed_download_are_one_sentence_with_the_reason(tmp_path):

@@ -337,6 +337,7 @@ def test_predict_names_each_figure_apart_and_a_guide_without_a_rule_is_one_line(
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["1.png-2.png", "1.png.png"]
     answers = bm.predict_files([tmp_path / "a/1.png"], bm.load_trained(guide), 5, log=lambda *a: None)
     prepared = answers[tmp_path / "a/1.png"]["prepared"]  # what the net saw, for a notebook to draw
+    assert len(answers[tmp_path / "a/1.png"]["samples"]) == 5  # the samples asked for
     assert torch.equal(prepared, bm.prepare_image(tmp_path / "a/1.png"))
     assert capsys.readouterr().out.splitlines()[-1] == f"figures in {tmp_path / 'o'}"
     bm.main(["predict", str(tmp_path / "a/1.png"), "--guide", str(guide), "--out-dir", str(tmp_path / "p"), "--no-plots"])
@@ -365,8 +366,12 @@ def test_serve_listens_where_it_says_with_the_samples_asked_and_stops_on_ctrl_c(
             assert written.getvalue().endswith(b"(Ctrl-C stops)\n")  # flushed: a reader of the pipe sees it now
             thread = threading.Thread(target=type(httpd).serve_forever, args=(httpd,), daemon=True)
             thread.start()
-            with urllib.request.urlopen(f"http://127.0.0.1:{httpd.server_address[1]}/", timeout=10) as r:
+            url = f"http://127.0.0.1:{httpd.server_address[1]}"
+            with urllib.request.urlopen(url + "/", timeout=10) as r:
                 assert r.status == 200 and b"<canvas" in r.read()
+                assert r.headers["Content-Type"] == "text/html; charset=utf-8"
+            code, reply = post(url, {"pixels": np.pad(bar(20, 5), 6).tolist()})
+            assert code == 200 and len(reply["samples"]) == num_samples  # the guide's net, the samples asked
             httpd.shutdown()
             raise KeyboardInterrupt
         httpd.serve_forever = serve_a_page_then_ctrl_c
@@ -484,6 +489,13 @@ def test_a_mark_at_the_grain_cuts_floor_is_ink_and_one_just_under_it_is_paper():
     assert torch.equal(bm.prepare_image(under), bm.prepare_image(clean))
     assert not torch.equal(bm.prepare_image(at), bm.prepare_image(clean))
 
+def test_gray_levels_in_float64_or_as_nested_lists_give_exactly_the_float32_input():
+    """A notebook's array may be float64 (NumPy's default) or a list: the levels are read as float32 first."""
+    picture = np.zeros((40, 40))
+    picture[5:35, 15:22] = np.random.default_rng(0).random((30, 7)) * 0.9 + 0.1  # shades, not just 0 and 1
+    as_float32 = bm.prepare_image(picture.astype(np.float32))
+    assert torch.equal(bm.prepare_image(picture), as_float32) and torch.equal(bm.prepare_image(picture.tolist()), as_float32)
+
 def test_describe_says_the_verdict_and_each_score_against_its_threshold():
     result = {"verdict": "7", "mean": [0.01] * 7 + [0.91] + [0.01] * 2, "rule": {"max_median_prob": 0.2,
               "mutual_information": 0.15}, "scores": {"max_median_prob": 0.2, "mutual_information": 0.0312}}
@@ -508,6 +520,8 @@ def test_a_dash_one_pixel_high_stays_one_pixel_high():
     dash[4, 5:25] = 1.0  # a minus sign: 20 x 1
     rows = bm.prepare_image(dash).reshape(28, 28).sum(1) > 0
     assert int(rows.sum()) == 1
+    cols = bm.prepare_image(dash.T.copy()).reshape(28, 28).sum(0) > 0  # a one drawn as a plain stroke: 1 x 20
+    assert int(cols.sum()) == 1
 
 
 def test_predict_and_serve_look_for_the_runs_guide_and_write_into_its_folder(tmp_path, monkeypatch, capsys):
