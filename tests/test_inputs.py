@@ -302,6 +302,7 @@ def test_the_reliability_bars_stand_on_their_bins_and_the_title_gives_the_figure
     assert [round(b.get_x() + b.get_width() / 2, 6) for b in bars] == [round((i + 0.5) / 10, 6) for i in used]
     assert [b.get_height() for b in bars] == pytest.approx(acc[used].tolist())
     assert [b.get_width() for b in bars] == pytest.approx([0.09] * len(used))  # each within its bin, a gap between
+    assert [b.get_width() for b in fig.axes[1].patches] == pytest.approx([0.09] * 10)  # the counts' bars too
     ece = bm.expected_calibration_error(probs, y, 10)
     assert f"(ECE {ece:.4f})" in fig.axes[0].get_title() and abs(ece - bm.expected_calibration_error(probs, y)) > 1e-3
     _, conf, _ = bm.calibration_bins(probs, y, 10)

@@ -278,6 +278,10 @@ def test_untrained_or_mismatched_net_raises_clear_errors(tmp_path):
     del obj["net"]["rho.out_bias"]
     with pytest.raises(bm.Error, match="g.pt has no parameter rho.out_bias"):
         bm.load_net_state(bm.BNN(784, H, 10), obj["net"], "g.pt")
+    torch.save(obj, tmp_path / "broken.pt")
+    with pytest.raises(bm.Error) as e:
+        bm.load_guide(tmp_path / "broken.pt")
+    assert str(e.value) == f"{tmp_path / 'broken.pt'} has no parameter rho.out_bias"  # load_guide names its file
 
 
 def test_hand_written_svi_with_two_nets_is_refused_not_mixed_up(small_data):

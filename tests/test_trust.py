@@ -153,6 +153,9 @@ def test_resume_with_fewer_epochs_or_on_another_device_is_refused(tmp_path, data
     with pytest.raises(SystemExit):
         bm.main([*argv, "--epochs", "2", "--resume"])
     assert "has already trained 3 epochs; --epochs 2 cannot undo that" in capsys.readouterr().err
+    (tmp_path / "metrics.json").unlink()
+    bm.main([*argv, "--epochs", "3", "--resume"])  # as many as it has: nothing to train, the report again
+    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 3
     obj = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     obj["settings"]["device"] = "cuda"
     torch.save(obj, tmp_path / "checkpoint.pt")
