@@ -97,6 +97,7 @@ def test_no_data_and_no_network_fails_fast_with_one_line(tmp_path):
     (["--epochs", "two"], "argument --epochs: not an integer: 'two'"),
     (["--lr", "nan"], "argument --lr: must be > 0, got nan"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--sampler", "gibbs"], "argument --sampler: invalid choice: 'gibbs'"),
     (["--init", "xavier"], "argument --init: invalid choice: 'xavier'"),
     (["--average", "mean"], "argument --average: invalid choice: 'mean'"),
     (["--measure", "vibes"], "argument --measure: invalid choice: 'vibes'"),
