@@ -84,6 +84,7 @@ def letters_zip(path, top="bayesian-neural-network-mnist-master"):
             Image.fromarray(np.full((28, 28), value, np.uint8)).save(png, format="PNG")
             z.writestr(f"{top}/not-mnist/{letter}/{value}.png", png.getvalue())
         z.writestr(f"{top}/bnn.ipynb", "{}")
+        z.writestr(f"{top}/docs/figures/loss.png", png.getvalue())  # a picture of the repository, not a letter
         z.writestr(f"{top}/not-mnist/../../escape.png", b"not extracted")
     path.write_bytes(buf.getvalue())
     return path
@@ -136,9 +137,12 @@ def test_fashion_files_that_disagree_or_are_missing_are_named(tmp_path):
         bm.load_fashion(tmp_path, folder)
     assert str(e.value) == (f"{folder / 't10k-images-idx3-ubyte.gz'} has 5 images but "
                             f"{folder / 't10k-labels-idx1-ubyte'} has 4 labels")
-    with pytest.raises(bm.Error) as e:
-        bm.load_fashion(tmp_path, tmp_path / "none")
-    assert str(e.value) == f"Fashion-MNIST test files not found in {tmp_path / 'none'} (--fashion-dir)"
+    (tmp_path / "images only").mkdir()
+    write_idx(tmp_path / "images only" / "t10k-images-idx3-ubyte", np.zeros((5, 28, 28)))  # its labels missing
+    for half in ("none", "images only"):
+        with pytest.raises(bm.Error) as e:
+            bm.load_fashion(tmp_path, tmp_path / half)
+        assert str(e.value) == f"Fashion-MNIST test files not found in {tmp_path / half} (--fashion-dir)"
     (folder / "t10k-labels-idx1-ubyte").write_bytes(b"")
     (folder / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b cut short")
     with pytest.raises(bm.Error) as e:

@@ -496,6 +496,15 @@ def test_gray_levels_in_float64_or_as_nested_lists_give_exactly_the_float32_inpu
     as_float32 = bm.prepare_image(picture.astype(np.float32))
     assert torch.equal(bm.prepare_image(picture), as_float32) and torch.equal(bm.prepare_image(picture.tolist()), as_float32)
 
+def test_the_grain_cut_is_measured_against_the_inks_span_so_faint_ink_on_grainy_paper_loses_its_specks():
+    """Grain of sd 0.015 beside ink only 0.5 above the ground is 3% of the span: six sds, 18%, are cut."""
+    grain = np.where(np.add.outer(np.arange(40), np.arange(40)) % 2 == 0, 0.19, 0.21)  # +-0.01 around 0.2
+    clean = grain.copy()
+    clean[8:32, 18:22] = 0.7  # a faint stroke: the span is 0.5
+    specks = clean.copy()
+    specks[5:7, 5:30] = 0.25  # grain's blotches at 10% of the span: under the cut
+    assert torch.equal(bm.prepare_image(specks), bm.prepare_image(clean))
+
 def test_describe_says_the_verdict_and_each_score_against_its_threshold():
     result = {"verdict": "7", "mean": [0.01] * 7 + [0.91] + [0.01] * 2, "rule": {"max_median_prob": 0.2,
               "mutual_information": 0.15}, "scores": {"max_median_prob": 0.2, "mutual_information": 0.0312}}
