@@ -183,3 +183,11 @@ def test_the_recipe_help_prints_for_article_is_a_command_line_for_the_same_run(m
 def test_the_article_with_its_kl_weight_named_takes_the_whole_data_sets_kl():
     cfg = bm.parse_args(["--article", "--kl-weight", "0.5"])  # a weight on the whole KL, not per minibatch
     assert cfg.kl_per_batch is False and cfg.kl_weight == 0.5
+
+
+def test_main_without_a_list_reads_the_command_line(monkeypatch, capsys):
+    """`python bnn_mnist.py ...` calls main(): the words after the script's name are its arguments."""
+    monkeypatch.setattr(sys, "argv", ["bnn_mnist.py", "predict", "--help"])
+    with pytest.raises(SystemExit) as e:
+        bm.main()
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: bnn_mnist.py predict ")
