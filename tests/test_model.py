@@ -271,10 +271,10 @@ def test_untrained_or_mismatched_net_raises_clear_errors(tmp_path):
     obj = torch.load(tmp_path / "g.pt", weights_only=True)
     with pytest.raises(bm.Error, match=r"holds loc.fc1_bias of shape \(16,\), but this BNN needs \(32,\)"):
         bm.load_net_state(bigger, obj["net"], "g.pt")
-    extra = dict(obj["net"], **{"loc.fc2_weight": torch.zeros(1)})
+    extra = dict(obj["net"], **{"loc.fc2_weight": torch.zeros(1), "loc.fc0_bias": torch.zeros(1)})
     with pytest.raises(bm.Error) as e:
         bm.load_net_state(bm.BNN(784, H, 10), extra, "g.pt")
-    assert str(e.value) == "g.pt holds parameters this BNN does not have: loc.fc2_weight"
+    assert str(e.value) == "g.pt holds parameters this BNN does not have: loc.fc0_bias, loc.fc2_weight"
     del obj["net"]["rho.out_bias"]
     with pytest.raises(bm.Error, match="g.pt has no parameter rho.out_bias"):
         bm.load_net_state(bm.BNN(784, H, 10), obj["net"], "g.pt")
