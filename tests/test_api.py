@@ -172,7 +172,7 @@ def test_training_shows_a_progress_bar_unless_told_not_to(small_data, progress_b
     assert [b["kwargs"].get("disable") for b in progress_bars] == [None, True]
     assert all(b["kwargs"]["total"] == 2 for b in progress_bars)  # the bar counts the epoch's steps (capped at 2)
     assert [b["counted"] for b in progress_bars] == [2, 2]  # one per step taken: full when the epoch is
-    assert all(b["kwargs"]["leave"] is False for b in progress_bars)  # cleared at the epoch's end (tqdm leaves a bar at None)
+    assert all(b["kwargs"]["leave"] is False for b in progress_bars)  # cleared when its epoch ends (None would leave it)
     t0 = time.perf_counter()
     seconds = bm.train(bm.BNN(784, H, 10), x, y, epochs=0, log=lambda *a: None)["train_seconds"]  # nothing to do
     assert 0 <= seconds <= time.perf_counter() - t0  # a fresh run's clock starts at 0

@@ -494,7 +494,8 @@ def test_gray_levels_in_float64_or_as_nested_lists_give_exactly_the_float32_inpu
     picture = np.zeros((40, 40))
     picture[5:35, 15:22] = np.random.default_rng(0).random((30, 7)) * 0.9 + 0.1  # shades, not just 0 and 1
     as_float32 = bm.prepare_image(picture.astype(np.float32))
-    assert torch.equal(bm.prepare_image(picture), as_float32) and torch.equal(bm.prepare_image(picture.tolist()), as_float32)
+    assert torch.equal(bm.prepare_image(picture), as_float32)
+    assert torch.equal(bm.prepare_image(picture.tolist()), as_float32)
 
 def test_the_grain_cut_is_measured_against_the_inks_span_so_faint_ink_on_grainy_paper_loses_its_specks():
     """Grain of sd 0.015 beside ink only 0.5 above the ground is 3% of the span: six sds, 18%, are cut."""

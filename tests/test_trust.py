@@ -30,8 +30,11 @@ class Evil:
 @pytest.mark.parametrize("torch_default", ["installed", "before 2.6"])
 def test_a_malicious_guide_runs_nothing(tmp_path, monkeypatch, torch_default):
     if torch_default == "before 2.6":  # torch.load unpickled anything unless told weights_only=True: the loader must
-        real = torch.load
-        monkeypatch.setattr(torch, "load", lambda *a, weights_only=None, **k: real(*a, weights_only=bool(weights_only), **k))
+        real = torch.load  # None, or no weights_only at all, meant False
+
+        def old_load(*args, weights_only=None, **kwargs):
+            return real(*args, weights_only=bool(weights_only), **kwargs)
+        monkeypatch.setattr(torch, "load", old_load)
     marker = tmp_path / "pwned"
     for name, fmt in (("guide.pt", bm.GUIDE_FORMAT), ("checkpoint.pt", bm.CHECKPOINT_FORMAT)):
         torch.save({"format": fmt, "payload": Evil(marker)}, tmp_path / name)
