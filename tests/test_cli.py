@@ -121,9 +121,11 @@ def test_bad_flag_through_the_real_cli_and_absent_cuda(capsys, monkeypatch):
     r = run_cli("--epochs", "0")
     assert r.returncode == 2 and "usage: bnn_mnist.py" in r.stderr and "--epochs: must be > 0" in r.stderr
     monkeypatch.setattr(bm.torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         bm.parse_args(["--device", "cuda"])
-    assert "cuda was asked for but no CUDA device is available" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == ("bnn_mnist.py: error: argument --device: cuda was asked for "
+                                                        "but no CUDA device is available")
 
 
 def test_corrupt_data_file_names_the_file(tmp_path, fresh_data_dir):

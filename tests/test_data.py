@@ -108,7 +108,6 @@ def test_image_folder_and_fashion(tmp_path):
         bm.load_fashion(tmp_path, fashion_dir=tmp_path / "missing")
 
 
-
 def test_the_ood_sets_are_read_from_the_data_dir_when_no_folder_of_their_own_is_named(tmp_path):
     make_mnist_dir(tmp_path, dataset="FashionMNIST")
     (tmp_path / "notMNIST-459" / "A").mkdir(parents=True)

@@ -25,6 +25,16 @@ def bar(h=12, w=4):
     return np.ones((h, w), dtype=np.float32)
 
 
+def says(message, text):
+    """text is message, each "..." in it standing for words of a library's own (PIL's, json's)."""
+    return re.fullmatch(re.escape(message).replace(re.escape("..."), ".+"), text) is not None
+
+
+def fine_grain():
+    """Paper's grain, (40, 40): 0.19 and 0.21 in a checkerboard, as many of each on the border (sd 0.0148)."""
+    return np.where(np.add.outer(np.arange(40), np.arange(40)) % 2 == 0, 0.19, 0.21)
+
+
 def png_bytes(gray):
     """A grayscale PNG of gray levels in [0, 1]."""
     buffer = io.BytesIO()
@@ -120,7 +130,7 @@ def test_a_png_file_an_rgba_drawing_and_an_array_give_the_same_input(tmp_path):
 def test_pictures_that_cannot_be_answered_raise_one_clear_error(image, message):
     with pytest.raises(bm.ImageError) as e:
         bm.prepare_image(image)
-    assert re.fullmatch(re.escape(message).replace(re.escape("..."), ".+"), str(e.value))  # ...: PIL's own words
+    assert says(message, str(e.value))
 
 
 def trained_like(hidden=16):
@@ -236,7 +246,7 @@ SEND = 'send {"image": "<data URL or base64>"} or {"pixels": [[gray levels]]}'
 def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(server, body, status, message):
     url, _ = server
     code, reply = post(url, body)
-    assert code == status and re.fullmatch(re.escape(message).replace(re.escape("..."), ".+"), reply["error"])
+    assert code == status and says(message, reply["error"])
     picture = np.pad(bar(20, 5), 6)
     assert post(url, {"pixels": picture.tolist()})[0] == 200  # still serving
 
@@ -474,7 +484,7 @@ def test_slightly_grainy_paper_is_cut_at_six_robust_sds_of_its_border_so_a_faint
     clean = np.full((40, 40), 0.2, dtype=np.float32)  # a dark ground
     clean[8:32, 18:22] = 1.0  # the stroke
     clean[8:11, 10:18] = 0.32  # a faint flag: ink at 0.12 / 0.8 = 15% of the span
-    grain = np.where(np.add.outer(np.arange(40), np.arange(40)) % 2 == 0, 0.19, 0.21)  # as many of each on the border
+    grain = fine_grain()
     grainy = clean.copy()  # grain +-0.01: sd 0.0148 of 0.8, six of them 11% of the span, under the flag's 15%
     grainy[[0, -1]], grainy[:, [0, -1]] = grain[[0, -1]], grain[:, [0, -1]]
     assert torch.allclose(bm.prepare_image(grainy), bm.prepare_image(clean), atol=1e-5)
@@ -489,6 +499,7 @@ def test_a_mark_at_the_grain_cuts_floor_is_ink_and_one_just_under_it_is_paper():
     assert torch.equal(bm.prepare_image(under), bm.prepare_image(clean))
     assert not torch.equal(bm.prepare_image(at), bm.prepare_image(clean))
 
+
 def test_gray_levels_in_float64_or_as_nested_lists_give_exactly_the_float32_input():
     """A notebook's array may be float64 (NumPy's default) or a list: the levels are read as float32 first."""
     picture = np.zeros((40, 40))
@@ -497,14 +508,15 @@ def test_gray_levels_in_float64_or_as_nested_lists_give_exactly_the_float32_inpu
     assert torch.equal(bm.prepare_image(picture), as_float32)
     assert torch.equal(bm.prepare_image(picture.tolist()), as_float32)
 
+
 def test_the_grain_cut_is_measured_against_the_inks_span_so_faint_ink_on_grainy_paper_loses_its_specks():
     """Grain of sd 0.015 beside ink only 0.5 above the ground is 3% of the span: six sds, 18%, are cut."""
-    grain = np.where(np.add.outer(np.arange(40), np.arange(40)) % 2 == 0, 0.19, 0.21)  # +-0.01 around 0.2
-    clean = grain.copy()
+    clean = fine_grain()  # +-0.01 around 0.2
     clean[8:32, 18:22] = 0.7  # a faint stroke: the span is 0.5
     specks = clean.copy()
     specks[5:7, 5:30] = 0.25  # grain's blotches at 10% of the span: under the cut
     assert torch.equal(bm.prepare_image(specks), bm.prepare_image(clean))
+
 
 def test_describe_says_the_verdict_and_each_score_against_its_threshold():
     result = {"verdict": "7", "mean": [0.01] * 7 + [0.91] + [0.01] * 2, "rule": {"max_median_prob": 0.2,

@@ -35,7 +35,6 @@ def test_the_command_line_starts_from_the_config_and_help_shows_each_default(cap
     assert "(default: None)" not in text and "(default: False)" not in text  # explained in words instead
 
 
-
 @pytest.mark.parametrize("command", ["predict", "serve"])
 def test_predict_and_serve_help_show_their_defaults_too(command, capsys):
     with pytest.raises(SystemExit) as e:
@@ -45,6 +44,7 @@ def test_predict_and_serve_help_show_their_defaults_too(command, capsys):
     assert re.search(rf"--unc-samples .*?\(default: {bm.DEFAULTS.unc_samples}\)", text)
     assert f"the trained posterior (default: {Path(bm.DEFAULTS.out_dir) / 'guide.pt'})" in text
     assert "(default: None)" not in text and "(default: False)" not in text  # --no-plots explained in words
+
 
 # the library's keyword arguments that are Config settings under another name
 SAME_AS = {"quantile": "refuse_quantile"}
@@ -106,6 +106,9 @@ def test_values_on_the_edge_are_accepted(flags):
     bm.parse_args(flags)
 
 
+NOTHING_OUT = "argument --val-size: 0 holds nothing out to set the thresholds"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--refuse-quantile", "0"], "argument --refuse-quantile: must lie strictly between 0 and 1, got 0"),
     (["--refuse-quantile", "1"], "argument --refuse-quantile: must lie strictly between 0 and 1, got 1"),
@@ -115,9 +118,9 @@ def test_values_on_the_edge_are_accepted(flags):
     (["--threshold", "-0.01"], "argument --threshold: mutual_information lies in [0, 2.303], got -0.01"),
     (["--measure", "max_prob", "--threshold", "0.91"], "argument --threshold: max_prob lies in [0, 0.9], got 0.91"),
     (["--val-size", "-1"], "argument --val-size: must be >= 0, got -1"),
-    (["--val-size", "0"], "argument --val-size: 0 holds nothing out to set the thresholds"),
-    (["--val-size", "0", "--threshold", "0.1"], "argument --val-size: 0 holds nothing out to set the thresholds; give --threshold and --ambiguity-quantile 0"),
-    (["--val-size", "0", "--ambiguity-quantile", "0"], "argument --val-size: 0 holds nothing out to set the thresholds; give --threshold and --ambiguity-quantile 0"),
+    (["--val-size", "0"], NOTHING_OUT),
+    (["--val-size", "0", "--threshold", "0.1"], f"{NOTHING_OUT}; give --threshold and --ambiguity-quantile 0"),
+    (["--val-size", "0", "--ambiguity-quantile", "0"], f"{NOTHING_OUT}; give --threshold and --ambiguity-quantile 0"),
     (["--lr", "inf"], "argument --lr: must be > 0, got inf"),
     (["--lr", "0"], "argument --lr: must be > 0, got 0"),
     (["--prior-scale", "-1"], "argument --prior-scale: must be > 0, got -1"),
@@ -132,15 +135,6 @@ def test_refused_values_exit_2_with_one_message(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         bm.parse_args(flags)
     assert e.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_cuda_asked_where_there_is_none_is_one_argparse_line(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit) as e:
-        bm.parse_args(["--device", "cuda"])
-    assert e.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == ("bnn_mnist.py: error: argument --device: cuda was asked for "
-                                                        "but no CUDA device is available")
 
 
 @pytest.mark.parametrize("text, sets", [("none", ""), (" noise , fashion ", "noise,fashion"), ("notmnist,", "notmnist"),
