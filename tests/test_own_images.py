@@ -488,6 +488,9 @@ def test_slightly_grainy_paper_is_cut_at_six_robust_sds_of_its_border_so_a_faint
     grainy = clean.copy()  # grain +-0.01: sd 0.0148 of 0.8, six of them 11% of the span, under the flag's 15%
     grainy[[0, -1]], grainy[:, [0, -1]] = grain[[0, -1]], grain[:, [0, -1]]
     assert torch.allclose(bm.prepare_image(grainy), bm.prepare_image(clean), atol=1e-5)
+    speck = grainy.copy()
+    speck[30:33, 5:8] = 0.2 + 0.8 * 0.09  # 9%: under six robust sds (11%), over six plain MADs (7.4%)
+    assert torch.allclose(bm.prepare_image(speck), bm.prepare_image(grainy), atol=1e-5)
 
 
 def test_a_mark_at_the_grain_cuts_floor_is_ink_and_one_just_under_it_is_paper():
