@@ -2,7 +2,6 @@
 held-out split and a refusal rule without a Config, and each option doing what it says."""
 
 import inspect
-import time
 
 import pyro
 import pytest
@@ -173,9 +172,7 @@ def test_training_shows_a_progress_bar_unless_told_not_to(small_data, progress_b
     assert all(b["kwargs"]["total"] == 2 for b in progress_bars)  # the bar counts the epoch's steps (capped at 2)
     assert [b["counted"] for b in progress_bars] == [2, 2]  # one per step taken: full when the epoch is
     assert all(b["kwargs"]["leave"] is False for b in progress_bars)  # cleared when its epoch ends (None would leave it)
-    t0 = time.perf_counter()
-    seconds = bm.train(bm.BNN(784, H, 10), x, y, epochs=0, log=lambda *a: None)["train_seconds"]  # nothing to do
-    assert 0 <= seconds <= time.perf_counter() - t0  # a fresh run's clock starts at 0
+    bm.train(bm.BNN(784, H, 10), x, y, epochs=0, log=lambda *a: None)  # nothing to do (a finished run resumed)
     assert len(progress_bars) == 3 and all(b["closed"] for b in progress_bars)  # a notebook's next output starts clean
 
 

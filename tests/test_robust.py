@@ -121,7 +121,9 @@ def test_training_time_is_counted_across_a_resume(tmp_path, small_data):
     """train_seconds (metrics.json's) is the whole training's, the part before an interruption included."""
     x, y, _, _ = small_data
     kw = dict(batch_size=64, progress=False, log=lambda *a: None)
+    t0 = time.perf_counter()
     first = bm.train(bm.BNN(784, 16, 10), x, y, epochs=1, checkpoint_path=tmp_path / "c.pt", **kw)
+    assert first["train_seconds"] <= time.perf_counter() - t0  # a fresh run's clock starts at 0
     saved = bm.load_checkpoint(tmp_path / "c.pt")
     assert 0 < saved["train_seconds"] <= first["train_seconds"]
     resumed = bm.train(bm.BNN(784, 16, 10), x, y, epochs=2, resume_state=saved, **kw)
