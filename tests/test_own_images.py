@@ -7,6 +7,7 @@ import json
 import re
 import sys
 import threading
+import time
 from pathlib import Path
 import urllib.error
 import urllib.request
@@ -277,12 +278,15 @@ def test_requests_at_once_each_get_their_own_answer(server):
         replies[k] = post(url, {"image": base64.b64encode(png_bytes(pictures[k])).decode()})
 
     threads = [threading.Thread(target=ask, args=(k,)) for k in range(6)]
+    t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    wall_ms = 1000 * (time.perf_counter() - t0)
     for (code, reply), x in zip(replies, expected):
         assert code == 200 and reply["prepared"] == pytest.approx(x, abs=0.02)
+        assert 0 < reply["ms"] < wall_ms  # the page's "(N ms)": the net's time, within the request's
         assert len(reply["samples"]) == bm.DEFAULTS.unc_samples and reply["verdict"] in ("I don't know", *"0123456789")
         assert sum(reply["mean"]) == pytest.approx(1, abs=1e-5)
 

@@ -39,6 +39,7 @@ def test_same_seed_same_everything_and_another_seed_differs(tmp_path, data_dir, 
     assert metrics_without_timing(runs[0]) == metrics_without_timing(runs[1])
     assert_same_params(guide_params(tmp_path / "r0/guide.pt"), guide_params(tmp_path / "r1/guide.pt"))
     assert runs[0]["epoch_losses"] != runs[2]["epoch_losses"]
+    assert all(r["peak_rss_mib"] > 100 for r in runs)  # torch alone takes more (MiB; null only without `resource`)
 
 
 def test_drawing_the_figures_does_not_change_the_numbers(tmp_path, data_dir, capsys):

@@ -55,6 +55,9 @@ def test_shifted_sets_share_one_draw_of_the_digits():
     assert near["rotated 90"] is shift[90] and near["rotated 180"] is shift[180]
     assert torch.equal(near["mirrored"], bm.mirror(x[pick])) and list(near) == list(bm.NEAR_OOD)
     assert len(bm.shifted_sets(x, y, 100)[0]) == 40  # never more than there are
+    again, other = bm.shifted_sets(x, y, 25, seed=0)[2], bm.shifted_sets(x, y, 25, seed=1)[2]
+    assert torch.equal(again["overlaid"], near["overlaid"])  # the seed fixes every set,
+    assert not torch.equal(other["overlaid"], near["overlaid"])  # the overlaid pairs too
 
 
 def test_pixel_rarity_control_by_hand():
