@@ -65,6 +65,9 @@ def test_load_guide_restores_prior_scale_and_rule(tmp_path):
     bm.save_guide(tmp_path / "guide.pt", net)
     loaded = bm.load_guide(tmp_path / "guide.pt")
     assert loaded.prior_scale == 0.25 and loaded.rule == {"mutual_information": 0.01}
+    bm.save_guide(tmp_path / "other.pt", net, prior_scale=0.5, rule={"max_median_prob": 0.2})  # given: saved
+    other = bm.load_guide(tmp_path / "other.pt")
+    assert other.prior_scale == 0.5 and other.rule == {"max_median_prob": 0.2}
     trace = pyro.poutine.trace(bm.model).get_trace(torch.rand(2, 784), None, 10, net=loaded)
     assert float(trace.nodes["fc1_weight"]["fn"].base_dist.scale.max()) == 0.25  # the model uses it
 

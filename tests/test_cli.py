@@ -101,6 +101,7 @@ def test_no_data_and_no_network_fails_fast_with_one_line(tmp_path):
     (["--init", "xavier"], "argument --init: invalid choice: 'xavier'"),
     (["--average", "mean"], "argument --average: invalid choice: 'mean'"),
     (["--measure", "vibes"], "argument --measure: invalid choice: 'vibes'"),
+    (["--selective-measure", "vibes"], "argument --selective-measure: invalid choice: 'vibes'"),
     (["--threshold", "5"], "argument --threshold: mutual_information lies in [0, 2.303], got 5"),
     (["--measure", "max_prob", "--threshold", "-0.1"], "argument --threshold: max_prob lies in [0, 0.9]"),
     (["--ood", "cifar"], "argument --ood: unknown set(s) cifar"),

@@ -27,6 +27,7 @@ def test_read_idx_reads_each_size_as_four_bytes(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (lambda raw: bytes([1]) + raw[1:], "is not an MNIST IDX file of unsigned bytes (wrong magic number)"),
+    (lambda raw: raw[:2] + bytes([9]) + raw[3:], "is not an MNIST IDX file of unsigned bytes (wrong magic number)"),
     (lambda raw: raw[:10], "is truncated (header cut short)"),
     (lambda raw: raw + b"\0", "is longer than its header says: 3153 bytes, header promises 3152"),
     (lambda raw: raw[:-1], "is truncated: 3151 bytes, header promises 3152"),
@@ -101,6 +102,10 @@ def test_image_folder_and_fashion(tmp_path):
     assert x.shape == (6, 784) and x[0].max() == 0 and x[1:].min() == 1
     with pytest.raises(bm.Error, match="no PNG"):
         bm.load_image_folder(tmp_path / "letters" / "nothing")
+    (tmp_path / "letters" / "B" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(bm.Error) as e:
+        bm.load_image_folder(tmp_path / "letters")
+    assert str(e.value).startswith(f"cannot read image {tmp_path / 'letters' / 'B' / 'broken.png'}: cannot identify")
 
     make_mnist_dir(tmp_path / "f", dataset="FashionMNIST")
     assert bm.load_fashion(tmp_path / "f").shape == (200, 784)

@@ -311,6 +311,9 @@ def test_the_reliability_bars_stand_on_their_bins_and_the_title_gives_the_figure
     assert dots.get_ydata().tolist() == pytest.approx(conf[used].tolist())
     diagonal = next(line for line in fig.axes[0].lines if line.get_label() == "perfect calibration")
     assert list(diagonal.get_xdata()) == [0, 1] and list(diagonal.get_ydata()) == [0, 1]  # what the bars are held to
+    assert fig.axes[1].get_yscale() == "log"  # the counts' axis, as its label says
+    two = torch.tensor([[0.95] + [0.05 / 9] * 9, [0.55] + [0.45 / 9] * 9])  # one image in each of two bins
+    assert len(bm.plot_reliability(two, torch.tensor([0, 1]), bins=10).axes[0].patches) == 2  # a bin of one: a bar
 
 
 def test_each_sets_histogram_sums_to_one_with_scores_of_zero_in_its_first_bin():
@@ -336,6 +339,7 @@ def test_the_histograms_draw_the_threshold_on_a_log_axis_that_holds_every_score(
     scores = {"MNIST": torch.tensor([0.0, 0.001, 0.01, 0.02]), "noise": torch.tensor([0.3, 0.8])}
     ax = bm.plot_histograms(scores, "mutual_information", 0.05).axes[0]
     assert ax.get_xscale() == "log"
+    assert ax.patches[0].get_xy()[1, 1] == pytest.approx(0.5)  # MNIST's first bin: its 0 and its smallest, 0.001
     assert [line.get_xdata()[0] for line in ax.lines] == [0.05]  # the threshold, where refusing starts
     edges = [p.get_xy()[:, 0] for p in ax.patches]
     # the axis starts at the smallest score above 0 (where a 0 is drawn), not decades below it (0.001 < 0.05 / 10)

@@ -230,8 +230,8 @@ SEND = 'send {"image": "<data URL or base64>"} or {"pixels": [[gray levels]]}'
 
 
 @pytest.mark.parametrize("body, status, message", [  # the whole message; ... stands for a reader's own words
-    (b"{not json", 400, "the body is not JSON: ..."),
-    (b"", 400, "the body is not JSON: ..."),  # an empty body is not too large
+    (b"{not json", 400, "the body is not JSON: Expecting property name ..."),  # json's own words after ours
+    (b"", 400, "the body is not JSON: Expecting value: ..."),  # an empty body is not too large
     ({"image": 3}, 400, "image must be a string: a data URL or base64"),
     ({"image": "data:image/png;base64,@@@"}, 400, "image is not base64"),
     ({"image": "data:image/png;base64,AA,iVBORw0K"}, 400, "image is not base64"),  # a comma in the data

@@ -34,12 +34,17 @@ def assert_same_params(a, b):
 
 
 def test_same_seed_same_everything_and_another_seed_differs(tmp_path, data_dir, capsys):
+    t0 = time.perf_counter()
     runs = [bm.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path / f"r{i}"), "--epochs", "2",
                      "--seed", str(seed), *TINY]) for i, seed in enumerate((7, 7, 8))]
     assert metrics_without_timing(runs[0]) == metrics_without_timing(runs[1])
     assert_same_params(guide_params(tmp_path / "r0/guide.pt"), guide_params(tmp_path / "r1/guide.pt"))
     assert runs[0]["epoch_losses"] != runs[2]["epoch_losses"]
     assert all(r["peak_rss_mib"] > 100 for r in runs)  # torch alone takes more (MiB; null only without `resource`)
+    assert all(0 < r["predict_seconds"] < time.perf_counter() - t0 for r in runs)  # within the three runs' time
+    assert not any("peak_cuda_mib" in r for r in runs)  # a CPU run's metrics: GPU runs only (docs/usage.md)
+    text = (tmp_path / "r0" / "metrics.json").read_text()
+    assert text.startswith('{\n  "') and text.endswith("\n}\n")  # indented, a key a line: for a reader and a diff
 
 
 def test_drawing_the_figures_does_not_change_the_numbers(tmp_path, data_dir, capsys):
@@ -210,7 +215,9 @@ def test_resume_refuses_other_settings_and_formats(tmp_path, data_dir, capsys):
     bm.main(argv)
     with pytest.raises(SystemExit):
         bm.main([*argv, "--resume", "--hidden-size", "24"])
-    assert "of shape (16,), but this BNN needs (24,) (a different --hidden-size?)" in capsys.readouterr().err
+    err = capsys.readouterr().err  # names the checkpoint that does not fit
+    assert f"error: {tmp_path / 'checkpoint.pt'} holds " in err
+    assert "of shape (16,), but this BNN needs (24,) (a different --hidden-size?)" in err
     with pytest.raises(SystemExit):
         bm.main([*argv, "--resume", "--lr", "0.02", "--batch-size", "16"])
     assert "was made with other settings (batch_size 32 -> 16, lr 0.01 -> 0.02)" in capsys.readouterr().err

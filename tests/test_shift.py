@@ -30,6 +30,9 @@ def test_rotate_turns_counter_clockwise_and_mirror_flips_left_right():
     x = torch.rand(3, 784)
     assert torch.allclose(bm.rotate(x, 90 - 1e-4), bm.rotate(x, 90), atol=1e-3)
     assert torch.equal(bm.rotate(x, 0), x) and torch.equal(bm.mirror(bm.mirror(x)), x)
+    for degrees in (90, 180, -90, 270):  # quarter turns move pixels exactly, as the docstring says: no interpolation
+        turned = torch.rot90(x.reshape(3, 28, 28), degrees // 90, dims=(1, 2)).reshape(3, 784)
+        assert torch.equal(bm.rotate(x, degrees), turned), degrees
     # 45 degrees twice is 90 degrees, up to the blur of interpolating twice (a centred blob)
     blob = torch.zeros(28, 28)
     blob[8:20, 11:16] = 1.0

@@ -298,6 +298,10 @@ def test_files_load_onto_the_device_asked_for_and_a_gpu_checkpoint_keeps_its_cud
 def test_an_out_dir_several_folders_deep_is_made_whole(tmp_path):
     out = bm.prepare_out_dir(tmp_path / "runs" / "2026" / "seed0")
     assert out.is_dir() and list(out.iterdir()) == []  # the write probe is gone too
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(bm.Error) as e:
+        bm.prepare_out_dir(tmp_path / "a_file" / "out")
+    assert str(e.value) == f"cannot write to --out-dir {tmp_path / 'a_file' / 'out'}: Not a directory"
 
 
 @pytest.mark.parametrize("failure, said", [
