@@ -204,13 +204,14 @@ def test_the_runs_figure_draws_the_articles_bars_or_the_samples(average, monkeyp
     sample_logits = bm.sample_logits
     monkeypatch.setattr(bm, "sample_logits", lambda x, net, s: logits[:, None] if len(x) == 1 else sample_logits(x, net, s))
     drawn = {}
-    monkeypatch.setattr(bm, "plot", lambda image, bars, label=None, path=None: drawn.update(bars=bars, label=label))
+    monkeypatch.setattr(bm, "plot", lambda image, bars, label=None, path=None: drawn.update(image=image, bars=bars,
+                                                                                            label=label))
     cfg = bm.Config(average=average, num_samples=2)
     pyro.set_rng_seed(0)
     m = bm.forced_prediction(cfg, net, x, y, {"losses": [1.0], "train_seconds": 0.0}, torch.device("cpu"), tmp_path)
     pyro.set_rng_seed(0)
     assert m["test_nll"] == bm.evaluate(bm.predict_prob(x, net, 2, average), y)["nll"]  # its numbers so averaged too
-    assert drawn["label"] == y[0]
+    assert drawn["label"] == y[0] and torch.equal(drawn["image"], x[0])  # the first test digit, with its label
     mean = torch.tensor([3.0, 1.0, 0.0] + [0.0] * 7)  # min 0, max 3
     expected = (mean / 3).softmax(-1) if average == "logits" else logits.softmax(-1)
     assert torch.allclose(drawn["bars"], expected)

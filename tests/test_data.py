@@ -28,6 +28,7 @@ def test_read_idx_reads_each_size_as_four_bytes(tmp_path):
 @pytest.mark.parametrize("change, message", [
     (lambda raw: bytes([1]) + raw[1:], "is not an MNIST IDX file of unsigned bytes (wrong magic number)"),
     (lambda raw: raw[:2] + bytes([9]) + raw[3:], "is not an MNIST IDX file of unsigned bytes (wrong magic number)"),
+    (lambda raw: raw[:1] + bytes([1]) + raw[2:], "is not an MNIST IDX file of unsigned bytes (wrong magic number)"),
     (lambda raw: raw[:10], "is truncated (header cut short)"),
     (lambda raw: raw + b"\0", "is longer than its header says: 3153 bytes, header promises 3152"),
     (lambda raw: raw[:-1], "is truncated: 3151 bytes, header promises 3152"),

@@ -353,6 +353,11 @@ def test_predict_names_each_figure_apart_and_a_guide_without_a_rule_is_one_line(
     prepared = answers[tmp_path / "a/1.png"]["prepared"]  # what the net saw, for a notebook to draw
     assert len(answers[tmp_path / "a/1.png"]["samples"]) == 5  # the samples asked for
     assert torch.equal(prepared, bm.prepare_image(tmp_path / "a/1.png"))
+    (tmp_path / "flat.png").write_bytes(png_bytes(np.ones((28, 28))))
+    answers = bm.predict_files([tmp_path / "flat.png", tmp_path / "a/1.png"], bm.load_trained(guide), 5,
+                               log=lambda *a, **k: None)  # a file that cannot be answered: its message, the rest answered
+    assert answers[tmp_path / "flat.png"] == "no ink: the picture is one flat shade"
+    assert len(answers[tmp_path / "a/1.png"]["samples"]) == 5
     assert capsys.readouterr().out.splitlines()[-1] == f"figures in {tmp_path / 'o'}"
     bm.main(["predict", str(tmp_path / "a/1.png"), "--guide", str(guide), "--out-dir", str(tmp_path / "p"), "--no-plots"])
     assert not (tmp_path / "p").exists() and "figures in" not in capsys.readouterr().out
@@ -612,6 +617,14 @@ def test_a_picture_file_over_40_million_pixels_is_refused_before_it_is_decoded(s
     with pytest.raises(bm.ImageError) as e:
         bm.prepare_image(huge.getvalue())
     assert str(e.value) == f"the picture is too large ({size[0]} x {size[1]} pixels)"
+
+
+def test_a_picture_file_of_exactly_40_million_pixels_is_decoded_and_read():
+    flat = io.BytesIO()
+    Image.new("1", (8000, 5000)).save(flat, format="PNG")
+    with pytest.raises(bm.ImageError) as e:
+        bm.prepare_image(flat.getvalue())
+    assert str(e.value) == "no ink: the picture is one flat shade"  # read to its pixels, not refused for its size
 
 
 def test_a_reader_error_without_words_is_still_one_line(monkeypatch, tmp_path):

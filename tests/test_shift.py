@@ -33,6 +33,8 @@ def test_rotate_turns_counter_clockwise_and_mirror_flips_left_right():
     for degrees in (90, 180, -90, 270):  # quarter turns move pixels exactly, as the docstring says: no interpolation
         turned = torch.rot90(x.reshape(3, 28, 28), degrees // 90, dims=(1, 2)).reshape(3, 784)
         assert torch.equal(bm.rotate(x, degrees), turned), degrees
+    double = bm.rotate(x.double(), 45)  # a notebook's float64 batch: turned in float64, as float32 turns it
+    assert double.dtype == torch.float64 and torch.allclose(double, bm.rotate(x, 45).double(), atol=1e-5)
     # 45 degrees twice is 90 degrees, up to the blur of interpolating twice (a centred blob)
     blob = torch.zeros(28, 28)
     blob[8:20, 11:16] = 1.0
