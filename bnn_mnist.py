@@ -1972,6 +1972,11 @@ def make_server(net, host="127.0.0.1", port=8000, num_samples=DEFAULTS.unc_sampl
         daemon_threads = True  # Ctrl-C does not wait for open connections
         request_queue_size = 64  # a burst of strokes from several pages queues rather than being refused
 
+        def handle_error(self, request, client_address):
+            # a page closed or reloaded before its answer came: nothing is wrong, so no traceback
+            if not isinstance(sys.exc_info()[1], ConnectionError):
+                super().handle_error(request, client_address)
+
     return Server((host, port), make_handler(PageServer(net, num_samples)))
 
 

@@ -5,11 +5,14 @@ import base64
 import io
 import json
 import re
+import socket
+import struct
 import sys
 import threading
 import time
 from pathlib import Path
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -435,6 +438,32 @@ def test_stopping_the_server_does_not_wait_for_a_connection_left_open():
         assert not closing.is_alive()
     finally:
         idle.close()
+
+
+def test_a_page_gone_before_its_answer_leaves_no_traceback_and_other_failures_still_show(server, capsys, monkeypatch):
+    url, net = server
+    body = json.dumps({"pixels": np.pad(bar(20, 5), 6).tolist()}).encode()
+    request = b"POST /predict HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+    def ask_and_leave():  # a tab closed before its answer: the connection reset, the reply cannot be written
+        with socket.create_connection(("127.0.0.1", urllib.parse.urlsplit(url).port)) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.sendall(request)
+        time.sleep(0.3)  # the server's thread answers into the reset connection
+
+    for _ in range(3):
+        ask_and_leave()
+    assert post(url, {"pixels": np.pad(bar(20, 5), 6).tolist()})[0] == 200  # still serving
+    assert "Traceback" not in capsys.readouterr().err  # the serve terminal stays quiet
+    monkeypatch.setattr(net, "rule", {})  # a failure of the server's own: still shown
+    ask_and_leave()
+    err = capsys.readouterr().err
+    for _ in range(100):  # a loaded machine: wait for the server's thread to report
+        if "ValueError: this net has no refusal rule" in err:
+            break
+        time.sleep(0.1)
+        err += capsys.readouterr().err
+    assert "ValueError: this net has no refusal rule" in err
 
 
 def test_the_page_is_never_cached_and_a_body_without_its_length_is_refused_with_a_reason(server):
