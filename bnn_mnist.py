@@ -856,7 +856,7 @@ def overlay(x, y, n, seed=0):
     return torch.maximum(x[a[keep]], x[b[keep]])
 
 
-def shifted_sets(x, y, n=3000, seed=0):
+def shifted_sets(x, y, n=DEFAULTS.shift_size, seed=0):
     """Rotation shift and near-OOD sets from n labelled digits (a fixed draw of x, y).
 
     Returns (pick, {angle: (n, 784)} for SHIFT_ANGLES, {name: images} for NEAR_OOD): the

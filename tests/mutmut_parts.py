@@ -112,7 +112,8 @@ def _without(tree, kind):
             node.keywords = [k for k in node.keywords if k.arg not in FIGURE_STYLE or isinstance(k.value, ast.IfExp)]
             if getattr(node.func, "attr", None) in FIGURE_WORDS:
                 node.args, node.keywords = [], []
-    return ast.dump(ast.Module(tree.body, []))
+    tree.name = "f"  # mutmut's copies differ in name: compare the signature (its defaults) and the body
+    return ast.dump(tree)
 
 
 def not_behaviour(name, source):

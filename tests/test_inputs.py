@@ -312,6 +312,9 @@ def test_the_reliability_bars_stand_on_their_bins_and_the_title_gives_the_figure
     diagonal = next(line for line in fig.axes[0].lines if line.get_label() == "perfect calibration")
     assert list(diagonal.get_xdata()) == [0, 1] and list(diagonal.get_ydata()) == [0, 1]  # what the bars are held to
     assert fig.axes[1].get_yscale() == "log"  # the counts' axis, as its label says
+    by_default = bm.plot_reliability(probs, y)  # the bins the run's ECE is measured in (metrics.json's)
+    assert len(by_default.axes[1].patches) == 15 and f"(ECE {bm.expected_calibration_error(probs, y):.4f})" in \
+        by_default.axes[0].get_title()
     two = torch.tensor([[0.95] + [0.05 / 9] * 9, [0.55] + [0.45 / 9] * 9])  # one image in each of two bins
     assert len(bm.plot_reliability(two, torch.tensor([0, 1]), bins=10).axes[0].patches) == 2  # a bin of one: a bar
 

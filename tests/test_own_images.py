@@ -371,6 +371,16 @@ def test_predict_names_each_figure_apart_and_a_guide_without_a_rule_is_one_line(
     assert e.value.code == 1 and "has no refusal rule" in capsys.readouterr().err
 
 
+def test_a_notebooks_make_server_listens_where_the_readme_says(monkeypatch):
+    import socketserver
+
+    monkeypatch.setattr(socketserver.TCPServer, "server_bind", lambda self: None)  # 8000 may be taken here
+    monkeypatch.setattr(socketserver.TCPServer, "server_activate", lambda self: None)
+    httpd = bm.make_server(trained_like())
+    assert httpd.server_address == ("127.0.0.1", 8000)  # http://127.0.0.1:8000/, as `serve` prints it
+    httpd.server_close()
+
+
 def test_serve_listens_where_it_says_with_the_samples_asked_and_stops_on_ctrl_c(tmp_path, capsys, monkeypatch):
     """In a notebook, as from a terminal: the line names the address really listened on, Ctrl-C stops."""
     import socket
@@ -464,6 +474,7 @@ def test_a_page_gone_before_its_answer_leaves_no_traceback_and_other_failures_st
         time.sleep(0.1)
         err += capsys.readouterr().err
     assert "ValueError: this net has no refusal rule" in err
+    assert "Exception occurred during processing of request from ('127.0.0.1', " in err  # who asked, as Python says
 
 
 def test_the_page_is_never_cached_and_a_body_without_its_length_is_refused_with_a_reason(server):

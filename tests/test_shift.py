@@ -60,6 +60,8 @@ def test_shifted_sets_share_one_draw_of_the_digits():
     assert near["rotated 90"] is shift[90] and near["rotated 180"] is shift[180]
     assert torch.equal(near["mirrored"], bm.mirror(x[pick])) and list(near) == list(bm.NEAR_OOD)
     assert len(bm.shifted_sets(x, y, 100)[0]) == 40  # never more than there are
+    many = torch.rand(bm.DEFAULTS.shift_size + 10, 784)
+    assert len(bm.shifted_sets(many, torch.arange(len(many)) % 10)[0]) == bm.DEFAULTS.shift_size  # the run's size
     again, other = bm.shifted_sets(x, y, 25, seed=0)[2], bm.shifted_sets(x, y, 25, seed=1)[2]
     assert torch.equal(again["overlaid"], near["overlaid"])  # the seed fixes every set,
     assert not torch.equal(other["overlaid"], near["overlaid"])  # the overlaid pairs too
