@@ -12,7 +12,8 @@ names to mutmut the part's unchecked mutants in one fixed random order (seed 0, 
 mutants/order.json: a function changed later has its new mutants put in at random places, the rest
 keep their order), so the longest run of that order checked whole is a uniform random sample of the
 part: `score` gives its score with a 95% interval, and the next `run` goes on where the last stopped
-(first the changed function's mutants in that run). mutmut keeps its results in mutants/
+(first the changed function's mutants in that run; with none left unchecked and bnn_mnist.py changed,
+`run` first lets mutmut make the new mutants, in a run of one mutant already killed, then names them). mutmut keeps its results in mutants/
 (git-ignored). Set aside from the score: the equivalent mutants listed, each with its reason, in
 docs/contributing/mutation/equivalent.txt ("mutant name: reason"), and survivors that change only
 help text or a figure's words and styling (READER_TEXT, FIGURE_STYLE below).
@@ -208,7 +209,8 @@ def forget_stale_test_reach():
     since keeps its old map and is never picked for a function it now reaches. When a test file is newer
     than mutmut's record, remove the record: the run times every test again (minutes, not hours)."""
     stats = ROOT / "mutants" / "mutmut-stats.json"
-    if stats.exists() and any(f.stat().st_mtime > stats.stat().st_mtime for f in (ROOT / "tests").glob("*.py")):
+    tests = [*(ROOT / "tests").glob("test_*.py"), ROOT / "tests" / "conftest.py"]  # not this tool's own file
+    if stats.exists() and any(f.stat().st_mtime > stats.stat().st_mtime for f in tests):
         stats.unlink()
 
 
@@ -248,13 +250,25 @@ def main(argv=None):
         unchecked = [n for part in chosen for n in todo(part, parts, done, lambda n, s: s == "not checked")]
         globs = ((survivors if args.command == "rerun" else []) + unchecked)[:args.first]
         forget_stale_test_reach()
+    # one thread per process from the start: workers are forked, and a forked OpenMP pool deadlocks
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    mutmut = ["mutmut", "run", "--max-children", str(args.max_children)]
+    if not globs and stale_record():
+        # bnn_mnist.py changed since mutmut's copy, and mutmut makes a changed function's mutants afresh only
+        # inside a run: one mutant already killed refreshes the record, then its new mutants are named
+        killed = [n for part in chosen for n in todo(part, parts, done, lambda n, s: s == "killed")]
+        subprocess.run([*mutmut, killed[0]], cwd=ROOT, env=env)
+        return main(argv) if not stale_record() else 1
     if not globs:
         score()
         return 0
-    # one thread per process from the start: workers are forked, and a forked OpenMP pool deadlocks
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *globs], cwd=ROOT,
-                          env=env).returncode
+    return subprocess.run([*mutmut, *globs], cwd=ROOT, env=env).returncode
+
+
+def stale_record():
+    """Whether bnn_mnist.py is newer than mutmut's mutated copy of it (a function may have changed)."""
+    copy = ROOT / "mutants" / "bnn_mnist.py"
+    return copy.exists() and (ROOT / "bnn_mnist.py").stat().st_mtime > copy.stat().st_mtime
 
 
 if __name__ == "__main__":
