@@ -13,10 +13,10 @@ mutants/order.json: a function changed later has its new mutants put in at rando
 keep their order), so the longest run of that order checked whole is a uniform random sample of the
 part: `score` gives its score with a 95% interval, and the next `run` goes on where the last stopped
 (first the changed function's mutants in that run; with none left unchecked and bnn_mnist.py changed,
-`run` first lets mutmut make the new mutants, in a run of one mutant already killed, then names them). mutmut keeps its results in mutants/
-(git-ignored). Set aside from the score: the equivalent mutants listed, each with its reason, in
-docs/contributing/mutation/equivalent.txt ("mutant name: reason"), and survivors that change only
-help text or a figure's words and styling (READER_TEXT, FIGURE_STYLE below).
+`run` first lets mutmut make the new mutants, in a run of one mutant already killed, then names them).
+mutmut keeps its results in mutants/ (git-ignored). Set aside from the score: the equivalent mutants
+listed, each with its reason, in docs/contributing/mutation/equivalent.txt ("mutant name: reason"), and
+survivors that change only help text or a figure's words and styling (READER_TEXT, FIGURE_STYLE below).
 """
 
 import argparse
@@ -256,9 +256,10 @@ def main(argv=None):
     if not globs and stale_record():
         # bnn_mnist.py changed since mutmut's copy, and mutmut makes a changed function's mutants afresh only
         # inside a run: one mutant already killed refreshes the record, then its new mutants are named
-        killed = [n for part in chosen for n in todo(part, parts, done, lambda n, s: s == "killed")]
-        subprocess.run([*mutmut, killed[0]], cwd=ROOT, env=env)
-        return main(argv) if not stale_record() else 1
+        subprocess.run([*mutmut, next(n for n, s in done.items() if s == "killed")], cwd=ROOT, env=env)
+        if stale_record():
+            sys.exit("mutmut did not make bnn_mnist.py's mutants afresh: see its output above")
+        return main(argv)
     if not globs:
         score()
         return 0

@@ -288,3 +288,16 @@ def test_every_set_is_refused_by_the_whole_rule(tmp_path, data_dir, monkeypatch,
     both = ("mutual_information", "expected_entropy")
     assert (200, both) in seen and (50, both) in seen  # MNIST test and the 50 noise images
     assert tuple(m["rule"]) == both
+
+
+def test_the_mutmut_tools_set_aside_rule_compares_defaults_and_leaves_out_only_help_text():
+    """tests/mutmut_parts.py keeps a survivor out of the score as "help text" only when nothing but
+    help= differs: a changed default argument (a port, a bin count) is behaviour."""
+    import mutmut_parts
+
+    source = ('\ndef x_f__mutmut_orig(a, port=8000):\n    parser.add_argument("--a", type=int, help="words")\n\n'
+              'def x_f__mutmut_1(a, port=8001):\n    parser.add_argument("--a", type=int, help="words")\n\n'
+              'def x_f__mutmut_2(a, port=8000):\n    parser.add_argument("--a", type=int, help="XXwordsXX")\n\n'
+              'def x_f__mutmut_3(a, port=8000):\n    parser.add_argument("--a", type=float, help="words")\n')
+    assert [mutmut_parts.not_behaviour(f"bnn_mnist.x_f__mutmut_{i}", source) for i in (1, 2, 3)] == \
+        [None, "help text", None]

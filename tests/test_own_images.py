@@ -297,7 +297,6 @@ def test_requests_at_once_each_get_their_own_answer(server):
 def test_serve_runs_until_ctrl_c_and_stops_cleanly(tmp_path):
     import signal
     import subprocess
-    import sys
 
     from conftest import ROOT, as_from_a_terminal, cli_env
 
@@ -352,15 +351,13 @@ def test_predict_names_each_figure_apart_and_a_guide_without_a_rule_is_one_line(
     bm.main(["predict", str(tmp_path / "a/1.png"), str(tmp_path / "b/1.png"), "--guide", str(guide),
              "--out-dir", str(tmp_path / "o")])
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["1.png-2.png", "1.png.png"]
-    answers = bm.predict_files([tmp_path / "a/1.png"], bm.load_trained(guide), 5, log=lambda *a: None)
-    prepared = answers[tmp_path / "a/1.png"]["prepared"]  # what the net saw, for a notebook to draw
-    assert len(answers[tmp_path / "a/1.png"]["samples"]) == 5  # the samples asked for
-    assert torch.equal(prepared, bm.prepare_image(tmp_path / "a/1.png"))
     (tmp_path / "flat.png").write_bytes(png_bytes(np.ones((28, 28))))
     answers = bm.predict_files([tmp_path / "flat.png", tmp_path / "a/1.png"], bm.load_trained(guide), 5,
                                log=lambda *a, **k: None)  # a file that cannot be answered: its message, the rest answered
     assert answers[tmp_path / "flat.png"] == "no ink: the picture is one flat shade"
-    assert len(answers[tmp_path / "a/1.png"]["samples"]) == 5
+    prepared = answers[tmp_path / "a/1.png"]["prepared"]  # what the net saw, for a notebook to draw
+    assert len(answers[tmp_path / "a/1.png"]["samples"]) == 5  # the samples asked for
+    assert torch.equal(prepared, bm.prepare_image(tmp_path / "a/1.png"))
     assert capsys.readouterr().out.splitlines()[-1] == f"figures in {tmp_path / 'o'}"
     bm.main(["predict", str(tmp_path / "a/1.png"), "--guide", str(guide), "--out-dir", str(tmp_path / "p"), "--no-plots"])
     assert not (tmp_path / "p").exists() and "figures in" not in capsys.readouterr().out
@@ -383,8 +380,6 @@ def test_a_notebooks_make_server_listens_where_the_readme_says(monkeypatch):
 
 def test_serve_listens_where_it_says_with_the_samples_asked_and_stops_on_ctrl_c(tmp_path, capsys, monkeypatch):
     """In a notebook, as from a terminal: the line names the address really listened on, Ctrl-C stops."""
-    import socket
-
     guide = save_net(tmp_path, trained_like())
     made, make = [], bm.make_server
     written = io.BytesIO()  # stdout as a pipe buffers it: the line must be out before serving starts
@@ -432,9 +427,6 @@ def test_serve_listens_where_it_says_with_the_samples_asked_and_stops_on_ctrl_c(
 
 def test_stopping_the_server_does_not_wait_for_a_connection_left_open():
     """Ctrl-C ends `serve` at once even while a browser holds a connection open, its request unfinished."""
-    import socket
-    import time
-
     httpd = bm.make_server(trained_like(), port=0)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     idle = socket.create_connection(httpd.server_address, timeout=10)
@@ -452,7 +444,8 @@ def test_stopping_the_server_does_not_wait_for_a_connection_left_open():
 
 def test_a_page_gone_before_its_answer_leaves_no_traceback_and_other_failures_still_show(server, capsys, monkeypatch):
     url, net = server
-    body = json.dumps({"pixels": np.pad(bar(20, 5), 6).tolist()}).encode()
+    pixels = {"pixels": np.pad(bar(20, 5), 6).tolist()}
+    body = json.dumps(pixels).encode()
     request = b"POST /predict HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
 
     def ask_and_leave():  # a tab closed before its answer: the connection reset, the reply cannot be written
@@ -463,7 +456,7 @@ def test_a_page_gone_before_its_answer_leaves_no_traceback_and_other_failures_st
 
     for _ in range(3):
         ask_and_leave()
-    assert post(url, {"pixels": np.pad(bar(20, 5), 6).tolist()})[0] == 200  # still serving
+    assert post(url, pixels)[0] == 200  # still serving
     assert "Traceback" not in capsys.readouterr().err  # the serve terminal stays quiet
     monkeypatch.setattr(net, "rule", {})  # a failure of the server's own: still shown
     ask_and_leave()
